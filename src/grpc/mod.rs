@@ -1,0 +1,9 @@
+//! Transport: the tonic server, its handlers, request validation, the mapping
+//! of errors to statuses, and the health and reflection services.
+
+mod page_token;
+mod service;
+pub mod status;
+mod validate;
+
+pub use service::{UsageApi, MAX_PAGE_SIZE};

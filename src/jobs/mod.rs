@@ -1,0 +1,3 @@
+//! Background work that runs beside the gRPC server.
+
+pub mod health;

@@ -1,0 +1,120 @@
+//! usage-service counts the slots each user holds for a feature (one slot per
+//! product by default) and enforces the limit of the user's tier, over gRPC.
+//!
+//! One request, one way through:
+//!
+//! * [`grpc`]: transport. tonic handlers, request validation, the mapping of
+//!   errors to gRPC statuses, health and reflection.
+//! * [`usage`]: the domain. Identifiers, usage, outcomes of a reservation; no
+//!   SQL and no tonic.
+//! * [`store`]: storage. The pool, migrations, and one named SQL statement per
+//!   operation. The limit is enforced in `usage_reserve`
+//!   (`migrations/V1__slots_and_usage.sql`), called by `src/store/sql/reserve.sql`.
+//! * [`jobs`]: background work (the database health watch).
+//! * [`config`] and [`telemetry`]: flags, environment and logging.
+//!
+//! [`run`] serves an already-bound listener until a shutdown future resolves;
+//! the binary and the integration tests start the server the same way.
+
+pub mod config;
+pub mod grpc;
+pub mod jobs;
+pub mod store;
+pub mod telemetry;
+pub mod usage;
+
+/// Code generated from `proto/usage/v1/usage.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("usage.v1");
+
+    /// The encoded descriptor set served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/usage_descriptor.bin"));
+}
+
+use std::{future::Future, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tracing::info;
+
+use crate::{grpc::UsageApi, proto::usage_service_server::UsageServiceServer, store::Store};
+
+/// What [`run`] needs beyond the listener and the store.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How often the database is probed for the health service.
+    pub health_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves, then shuts down
+/// gracefully: health turns `NOT_SERVING`, the listener closes, calls in
+/// flight finish, and the function returns.
+pub async fn run(
+    listener: TcpListener,
+    store: Store,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    jobs::health::set_status(&reporter, false).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+
+    let (stop_jobs, stopped) = watch::channel(false);
+    let health_watch = tokio::spawn(jobs::health::watch_database(
+        store.pool().clone(),
+        reporter.clone(),
+        options.health_interval,
+        stopped,
+    ));
+
+    let api = UsageApi::new(store);
+    let local_addr = listener
+        .local_addr()
+        .context("reading the listener address")?;
+    info!(%local_addr, "serving gRPC");
+
+    let on_shutdown = async {
+        shutdown.await;
+        info!("shutting down: refusing new calls, finishing those in flight");
+        let _ = stop_jobs.send(true);
+        // The watch must be gone before the last word, or its next probe
+        // could report SERVING again.
+        health_watch.await.ok();
+        jobs::health::set_status(&reporter, false).await;
+    };
+
+    Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(UsageServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .await
+        .context("serving gRPC")?;
+
+    info!("shut down");
+    Ok(())
+}

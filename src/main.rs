@@ -1,0 +1,90 @@
+//! The `usage-service` binary: parse the command line, start logging, build
+//! the pool, migrate, then hand over to [`usage_service::run`].
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tokio::net::TcpListener;
+use tracing::info;
+use usage_service::{
+    config::{available_cpus, Cli, Command, DatabaseArgs, LogFormat, ServeArgs},
+    store::{self, Store},
+    telemetry, ServerOptions,
+};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+
+    let (log_format, worker_threads) = match &command {
+        Command::Serve(args) => (args.log_format, args.worker_threads),
+        Command::Migrate(_) => (LogFormat::Text, None),
+    };
+    telemetry::init(log_format);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.unwrap_or_else(available_cpus))
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        match command {
+            Command::Serve(args) => serve(args).await,
+            Command::Migrate(args) => migrate(&args).await.map(drop),
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let pool = store::connect_pool(&args.database)?;
+    if args.no_migrate {
+        info!("skipping migrations (--no-migrate)");
+    } else {
+        migrate(&args.database).await?;
+    }
+
+    let listener = TcpListener::bind(args.listen_addr)
+        .await
+        .with_context(|| format!("binding {}", args.listen_addr))?;
+    let options = ServerOptions {
+        health_interval: args.health_interval,
+    };
+    usage_service::run(listener, Store::new(pool), options, shutdown_signal()).await
+}
+
+async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
+    info!(database = %args.redacted_url(), "applying migrations");
+    let pool = store::connect_pool(args)?;
+    let applied = store::migrate::run(&pool).await?;
+    info!(applied, "migrations up to date");
+    Ok(applied)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(cause = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        _ = ctrl_c => info!("received Ctrl-C"),
+        _ = terminate => info!("received SIGTERM"),
+    }
+}

@@ -1,0 +1,229 @@
+//! Storage: the connection pool, migrations, and one named SQL statement per
+//! operation.
+//!
+//! Every statement lives in a file under `src/store/sql/` so that the
+//! benchmark can hand the very same SQL to `pgbench`. Reserve and Release are
+//! each a single statement and so a single round trip: a call cancelled by its
+//! client never leaves a transaction open or a change half-applied.
+
+mod error;
+pub mod migrate;
+mod pool;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::Row;
+
+pub use error::StoreError;
+pub use pool::connect_pool;
+
+use crate::usage::{Caller, ReleaseOutcome, ReserveAction, ReserveOutcome, Usage};
+
+/// The SQL of each operation, as sent to PostgreSQL.
+pub mod sql {
+    /// See `sql/reserve.sql`.
+    pub const RESERVE: &str = include_str!("sql/reserve.sql");
+    /// See `sql/release.sql`.
+    pub const RELEASE: &str = include_str!("sql/release.sql");
+    /// See `sql/get.sql`.
+    pub const GET: &str = include_str!("sql/get.sql");
+    /// See `sql/list_all.sql`.
+    pub const LIST_ALL: &str = include_str!("sql/list_all.sql");
+    /// See `sql/feature_exists.sql`.
+    pub const FEATURE_EXISTS: &str = include_str!("sql/feature_exists.sql");
+    /// See `sql/check.sql`.
+    pub const CHECK: &str = include_str!("sql/check.sql");
+}
+
+/// A user whose counter disagrees with its ledger or its audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discrepancy {
+    /// The user.
+    pub user_id: String,
+    /// The feature.
+    pub feature: String,
+    /// What the counter says.
+    pub current_usage: i64,
+    /// Slots in the ledger.
+    pub slots: i64,
+    /// Sum of the audit trail's deltas.
+    pub audited: i64,
+}
+
+/// Access to the counters, the ledger and the audit trail.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// One page of [`Store::list_all`].
+#[derive(Debug, Clone)]
+pub struct UsagePage {
+    /// The rows of this page, in user id order.
+    pub usages: Vec<Usage>,
+    /// The last user id of this page when more rows may follow.
+    pub last_user_id: Option<String>,
+}
+
+impl Store {
+    /// A store over `pool`.
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for health checks and background jobs.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Takes a slot for `product_id` unless the user is at its limit.
+    pub async fn reserve(
+        &self,
+        user_id: &str,
+        feature: &str,
+        product_id: &str,
+        action: ReserveAction,
+        caller: &Caller,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::RESERVE).await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &user_id,
+                    &feature,
+                    &product_id,
+                    &action.as_audit_action(),
+                    &caller.actor,
+                    &caller.request_id,
+                ],
+            )
+            .await?;
+
+        let outcome: &str = row.try_get("outcome")?;
+        let usage = || usage_from_row(user_id, feature, &row);
+        match outcome {
+            "reserved" => Ok(ReserveOutcome::Reserved(usage()?)),
+            "already_held" => Ok(ReserveOutcome::AlreadyHeld(usage()?)),
+            "denied" => Ok(ReserveOutcome::Denied(usage()?)),
+            "unknown_feature" => Err(StoreError::UnknownFeature(feature.to_owned())),
+            other => Err(StoreError::UnexpectedOutcome(other.to_owned())),
+        }
+    }
+
+    /// Frees the slot `product_id` holds, if it holds one.
+    pub async fn release(
+        &self,
+        user_id: &str,
+        feature: &str,
+        product_id: &str,
+        caller: &Caller,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::RELEASE).await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &user_id,
+                    &feature,
+                    &product_id,
+                    &caller.actor,
+                    &caller.request_id,
+                ],
+            )
+            .await?;
+
+        let outcome: &str = row.try_get("outcome")?;
+        let usage = || usage_from_row(user_id, feature, &row);
+        match outcome {
+            "released" => Ok(ReleaseOutcome::Released(usage()?)),
+            "not_held" => Ok(ReleaseOutcome::NotHeld(usage()?)),
+            "unknown_feature" => Err(StoreError::UnknownFeature(feature.to_owned())),
+            other => Err(StoreError::UnexpectedOutcome(other.to_owned())),
+        }
+    }
+
+    /// The usage of one user; a user never seen has zero usage at the
+    /// feature's default tier.
+    pub async fn get(&self, user_id: &str, feature: &str) -> Result<Usage, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::GET).await?;
+        let row = client
+            .query_opt(&statement, &[&user_id, &feature])
+            .await?
+            .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
+        usage_from_row(user_id, feature, &row)
+    }
+
+    /// Up to `limit` users of `feature` whose id sorts after `after`.
+    pub async fn list_all(
+        &self,
+        feature: &str,
+        tier: Option<&str>,
+        after: &str,
+        limit: i64,
+    ) -> Result<UsagePage, StoreError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(sql::LIST_ALL).await?;
+        let rows = client
+            .query(&statement, &[&feature, &tier, &after, &limit])
+            .await?;
+
+        if rows.is_empty() {
+            let exists = client.prepare_cached(sql::FEATURE_EXISTS).await?;
+            let known: bool = client.query_one(&exists, &[&feature]).await?.try_get(0)?;
+            if !known {
+                return Err(StoreError::UnknownFeature(feature.to_owned()));
+            }
+        }
+
+        let usages = rows
+            .iter()
+            .map(|row| {
+                let user_id: String = row.try_get("user_id")?;
+                usage_from_row(&user_id, feature, row)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let full_page = usages.len() as i64 == limit;
+        let last_user_id = full_page
+            .then(|| usages.last().map(|u| u.user_id.clone()))
+            .flatten();
+        Ok(UsagePage {
+            usages,
+            last_user_id,
+        })
+    }
+}
+
+impl Store {
+    /// Every user whose counter, ledger and audit trail disagree; empty when
+    /// the invariant holds. Reads everything: meant for tests, benchmarks and
+    /// operators, not for the hot path.
+    pub async fn check_invariants(&self) -> Result<Vec<Discrepancy>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client.query(sql::CHECK, &[]).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Discrepancy {
+                    user_id: row.try_get("user_id")?,
+                    feature: row.try_get("feature_name")?,
+                    current_usage: row.try_get("current_usage")?,
+                    slots: row.try_get("slots")?,
+                    audited: row.try_get("audited")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Reads the `tier`, `current_usage` and `usage_limit` columns.
+fn usage_from_row(user_id: &str, feature: &str, row: &Row) -> Result<Usage, StoreError> {
+    Ok(Usage {
+        user_id: user_id.to_owned(),
+        feature: feature.to_owned(),
+        tier: row.try_get("tier")?,
+        current_usage: row.try_get("current_usage")?,
+        usage_limit: row.try_get("usage_limit")?,
+    })
+}
