@@ -123,6 +123,9 @@ impl TestServer {
     }
 
     /// A server on an existing, migrated database, with the given settings.
+    // Options are assigned one by one so that settings added to ServerOptions
+    // later keep their defaults here.
+    #[allow(clippy::field_reassign_with_default)]
     pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
         let store = Store::new(pool);

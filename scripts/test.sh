@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against a real PostgreSQL: the one at
+# USAGE_TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres)
+# when it answers, otherwise a throwaway cluster started for the run.
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/postgres.sh
+
+ensure_postgres "${USAGE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export USAGE_TEST_DATABASE_URL=$PG_URL
+
+# Each test creates its own database named usage_test_<pid>_...; drop those
+# left behind by test processes that no longer run (a panicking test cannot
+# clean up after itself).
+for db in $(psql "$PG_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'usage_test_%'"); do
+    pid=$(cut -d_ -f3 <<<"$db")
+    if ! kill -0 "$pid" 2>/dev/null; then
+        psql "$PG_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
+    fi
+done
+
+cargo test --all-targets "$@"
+cargo test --doc
