@@ -20,5 +20,12 @@ for db in $(psql "$PG_URL" -Atqc "SELECT datname FROM pg_database WHERE datname 
     fi
 done
 
-cargo test --all-targets "$@"
-cargo test --doc
+# The summary line adds up every test binary's result, so the last line says
+# what the whole run did (cargo's own last line is only the last binary's).
+log=$(mktemp)
+status=0
+cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { passed += $4; failed += $6 }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
+rm -f "$log"
+exit "$status"
