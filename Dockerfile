@@ -1,7 +1,7 @@
 # Multi-stage build: dependencies are compiled in their own cached layer, the
 # runtime image holds only the binary and runs as an unprivileged user.
 
-FROM rust:1.88-slim-bookworm AS build
+FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 
 # Dependencies first: this layer is rebuilt only when the manifests change.

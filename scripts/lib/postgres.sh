@@ -47,6 +47,16 @@ ensure_postgres() {
         export PG_URL=$url
         return
     fi
+    # The server answers but the database does not exist yet: create it.
+    local base=${url%%\?*} query=""
+    [ "$base" = "$url" ] || query="?${url#*\?}"
+    local dbname=${base##*/}
+    if [ -n "$dbname" ] && pg_answers "${base%/*}/postgres$query"; then
+        pg_log "creating database $dbname"
+        psql "${base%/*}/postgres$query" -qc "CREATE DATABASE \"$dbname\"" >&2
+        export PG_URL=$url
+        return
+    fi
 
     pg_log "no PostgreSQL answers at ${url%%\?*}; starting a throwaway cluster"
     local bindir dir port as_owner=()
