@@ -1,9 +1,11 @@
 //! Transport: the tonic server, its handlers, request validation, the mapping
 //! of errors to statuses, and the health and reflection services.
 
+mod bulk;
 mod page_token;
 mod service;
 pub mod status;
 mod validate;
+mod watch;
 
 pub use service::{UsageApi, MAX_PAGE_SIZE};
