@@ -1,8 +1,8 @@
 //! The domain: what a slot, a reservation and a limit are, independent of gRPC
 //! and SQL.
 //!
-//! Identifiers are validated once, when a request enters the service, and then
-//! travel as types that cannot hold an invalid value.
+//! Identifiers are validated once, when a request enters the service, by the
+//! functions here; everything below the transport takes them as checked.
 
 use std::fmt;
 

@@ -84,11 +84,15 @@ impl TestDb {
             .expect("dropping the test database");
     }
 
-    /// Pool settings for this database.
+    /// Pool settings for this database. Waits are generous: tests pile
+    /// hundreds of calls onto one user's row lock on a shared, busy machine,
+    /// and check correctness, not speed.
     pub fn args(&self) -> DatabaseArgs {
         DatabaseArgs {
             database_url: self.url.clone(),
             db_pool_size: 16,
+            db_pool_wait_timeout: Duration::from_secs(30),
+            db_statement_timeout: Duration::from_secs(30),
             ..DatabaseArgs::default()
         }
     }
