@@ -409,6 +409,7 @@ CREATE FUNCTION usage_reserve_many(
 LANGUAGE plpgsql AS $$
 DECLARE
     u      user_tier_features;
+    locked user_tier_features;
     v_new  text[];
     v_held text[];
     n      bigint;
@@ -420,9 +421,10 @@ BEGIN
     END IF;
     PERFORM usage_expire_holds(p_user_id, p_feature);
 
-    SELECT t.* INTO u FROM user_tier_features AS t
+    SELECT t.* INTO locked FROM user_tier_features AS t
      WHERE t.user_id = p_user_id AND t.feature_name = p_feature
        FOR UPDATE;
+    u := locked;
 
     SELECT coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE s.product_id IS NULL), '{}'),
            coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE s.product_id IS NOT NULL), '{}')
@@ -440,6 +442,8 @@ BEGIN
         RETURNING t.* INTO u;
 
         IF NOT FOUND THEN
+            -- We hold the lock: the row read above is still the current one.
+            u := locked;
             INSERT INTO usage_events (user_id, feature_name, action, delta, usage_before,
                                       usage_after, actor, request_id, reason)
             VALUES (p_user_id, p_feature, 'denied', 0, u.current_usage, u.current_usage,
