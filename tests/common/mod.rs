@@ -131,8 +131,9 @@ impl TestServer {
             .expect("binding port 0");
         let addr = listener.local_addr().expect("a bound address");
         let (tx, rx) = oneshot::channel();
-        let mut options = ServerOptions::default();
-        options.health_interval = Duration::from_millis(100);
+        let options = ServerOptions {
+            health_interval: Duration::from_millis(100),
+        };
         let task = tokio::spawn(usage_service::run(
             listener,
             store.clone(),
