@@ -31,8 +31,40 @@ pub(super) async fn list_all(
     let request = request.into_inner();
 
     let mut violations = validate::Violations::default();
+    let filter = usage_filter(&mut violations, &request);
+    let page_size = page_size(&mut violations, request.page_size);
+    let fingerprint = filter.fingerprint();
+    let order = filter.order;
+    let after = page_start(&mut violations, &request.page_token, &fingerprint, |key| {
+        usage_key_from_token(order, key)
+    });
+    violations.check()?;
+    tracing::Span::current().record("feature", filter.feature.as_str());
+
+    let page = store
+        .list_all(&filter, after.as_ref(), i64::from(page_size))
+        .await
+        .map_err(status::from_store)?;
+    let next_page_token = page.next.map_or_else(String::new, |key| {
+        PageToken {
+            filters: fingerprint,
+            last_key: usage_key_to_token(order, key),
+        }
+        .encode()
+    });
+    Ok(Response::new(proto::ListAllResponse {
+        usages: page.usages.into_iter().map(Into::into).collect(),
+        next_page_token,
+    }))
+}
+
+/// The filters and order of a ListAll request.
+fn usage_filter(
+    violations: &mut validate::Violations,
+    request: &proto::ListAllRequest,
+) -> UsageFilter {
     let feature = violations.feature("feature", &request.feature);
-    let tier = request.tier.filter(|t| !t.is_empty());
+    let tier = request.tier.clone().filter(|t| !t.is_empty());
     if let Some(tier) = &tier {
         violations.id("tier", tier);
     }
@@ -49,53 +81,36 @@ pub(super) async fn list_all(
             ListOrder::UserId
         }
     };
-    let page_size = page_size(&mut violations, request.page_size);
-    let filter = UsageFilter {
+    UsageFilter {
         feature,
         tier,
         min_utilization,
         over_limit_only: request.over_limit_only,
         order,
-    };
-    let fingerprint = filter.fingerprint();
-    let after = page_start(
-        &mut violations,
-        &request.page_token,
-        &fingerprint,
-        |key| match (order, key) {
-            (ListOrder::UserId, [user_id]) => Some(UsageKey {
-                current_usage: 0,
-                user_id: user_id.clone(),
-            }),
-            (ListOrder::CurrentUsageDesc, [usage, user_id]) => Some(UsageKey {
-                current_usage: usage.parse().ok()?,
-                user_id: user_id.clone(),
-            }),
-            _ => None,
-        },
-    );
-    violations.check()?;
-    tracing::Span::current().record("feature", filter.feature.as_str());
+    }
+}
 
-    let page = store
-        .list_all(&filter, after.as_ref(), i64::from(page_size))
-        .await
-        .map_err(status::from_store)?;
-    let next_page_token = page.next.map_or_else(String::new, |key| {
-        let last_key = match order {
-            ListOrder::UserId => vec![key.user_id],
-            ListOrder::CurrentUsageDesc => vec![key.current_usage.to_string(), key.user_id],
-        };
-        PageToken {
-            filters: fingerprint,
-            last_key,
-        }
-        .encode()
-    });
-    Ok(Response::new(proto::ListAllResponse {
-        usages: page.usages.into_iter().map(Into::into).collect(),
-        next_page_token,
-    }))
+/// The key of a usage page's last row, as carried by its token.
+fn usage_key_to_token(order: ListOrder, key: UsageKey) -> Vec<String> {
+    match order {
+        ListOrder::UserId => vec![key.user_id],
+        ListOrder::CurrentUsageDesc => vec![key.current_usage.to_string(), key.user_id],
+    }
+}
+
+/// The key carried by a usage page token, if it has the order's shape.
+fn usage_key_from_token(order: ListOrder, key: &[String]) -> Option<UsageKey> {
+    match (order, key) {
+        (ListOrder::UserId, [user_id]) => Some(UsageKey {
+            current_usage: 0,
+            user_id: user_id.clone(),
+        }),
+        (ListOrder::CurrentUsageDesc, [usage, user_id]) => Some(UsageKey {
+            current_usage: usage.parse().ok()?,
+            user_id: user_id.clone(),
+        }),
+        _ => None,
+    }
 }
 
 /// `SetTier`: moves a user to a tier.
@@ -256,37 +271,8 @@ pub(super) async fn list_events(
     let request = request.into_inner();
 
     let mut violations = validate::Violations::default();
-    let user_id = (!request.user_id.is_empty())
-        .then(|| violations.id("user_id", &request.user_id).to_owned());
-    let feature = violations.feature("feature", &request.feature);
-    let mut actions = Vec::new();
-    for name in &request.actions {
-        match name.parse::<AuditAction>() {
-            Ok(action) if !actions.contains(&action) => actions.push(action),
-            Ok(_) => {}
-            Err(v) => violations.push(v.field, v.description),
-        }
-    }
-    actions.sort_by_key(|a| a.as_str());
-    let since = request
-        .since
-        .and_then(|ts| instant(&mut violations, "since", ts));
-    let until = request
-        .until
-        .and_then(|ts| instant(&mut violations, "until", ts));
-    if let (Some(since), Some(until)) = (since, until) {
-        if since >= until {
-            violations.push("until", "must be after since");
-        }
-    }
+    let filter = event_filter(&mut violations, &request);
     let page_size = page_size(&mut violations, request.page_size);
-    let filter = EventFilter {
-        user_id,
-        feature,
-        actions,
-        since,
-        until,
-    };
     let fingerprint = filter.fingerprint();
     let before = page_start(
         &mut violations,
@@ -315,6 +301,44 @@ pub(super) async fn list_events(
         events: page.events.into_iter().map(Into::into).collect(),
         next_page_token,
     }))
+}
+
+/// The filters of a ListEvents request. Actions are deduplicated and sorted,
+/// so that the same set in another order keeps a page token valid.
+fn event_filter(
+    violations: &mut validate::Violations,
+    request: &proto::ListEventsRequest,
+) -> EventFilter {
+    let user_id = (!request.user_id.is_empty())
+        .then(|| violations.id("user_id", &request.user_id).to_owned());
+    let feature = violations.feature("feature", &request.feature);
+    let mut actions = Vec::new();
+    for name in &request.actions {
+        match name.parse::<AuditAction>() {
+            Ok(action) if !actions.contains(&action) => actions.push(action),
+            Ok(_) => {}
+            Err(v) => violations.push(v.field, v.description),
+        }
+    }
+    actions.sort_by_key(|a| a.as_str());
+    let since = request
+        .since
+        .and_then(|ts| instant(violations, "since", ts));
+    let until = request
+        .until
+        .and_then(|ts| instant(violations, "until", ts));
+    if let (Some(since), Some(until)) = (since, until) {
+        if since >= until {
+            violations.push("until", "must be after since");
+        }
+    }
+    EventFilter {
+        user_id,
+        feature,
+        actions,
+        since,
+        until,
+    }
 }
 
 /// `INVALID_ARGUMENT` naming the tier that does not exist.
