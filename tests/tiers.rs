@@ -426,7 +426,7 @@ async fn overrides_replace_the_tier_limit_until_cleared() {
 async fn expired_override_gives_way_to_the_tier_limit() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let expires_at = SystemTime::now() + Duration::from_secs(4);
+    let expires_at = SystemTime::now() + Duration::from_secs(6);
 
     let usage = client
         .set_limit_override(set_override("eve", Some(10), Some(expires_at)))
