@@ -53,7 +53,7 @@ fn set_override(
         feature: String::new(),
         usage_limit: limit,
         expires_at: expires_at.map(Into::into),
-        reason: "support ticket".into(),
+        reason: "customer request".into(),
     }
 }
 
@@ -409,9 +409,9 @@ async fn overrides_replace_the_tier_limit_until_cleared() {
     assert_eq!(
         audited,
         vec![
-            (None, s("60"), s("support ticket")),
-            (s("60"), s("40"), s("support ticket")),
-            (s("40"), s("unlimited"), s("support ticket")),
+            (None, s("60"), s("customer request")),
+            (s("60"), s("40"), s("customer request")),
+            (s("40"), s("unlimited"), s("customer request")),
             (s("unlimited"), None, s("resolved")),
         ]
     );
