@@ -120,8 +120,9 @@ BEGIN
 END
 $$;
 
--- Creates the user's row at the feature's default tier if it has none.
--- Returns false when the feature does not exist.
+-- Creates the user's row at the feature's default tier if it has none, now
+-- with its usage level. Returns false when the feature does not exist.
+DROP FUNCTION usage_ensure_user(text, text);
 CREATE FUNCTION usage_ensure_user(p_user_id text, p_feature text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -1,6 +1,7 @@
 //! Transport: the tonic server, its handlers, request validation, the mapping
 //! of errors to statuses, and the health and reflection services.
 
+mod admin;
 mod bulk;
 mod page_token;
 mod service;

@@ -7,15 +7,12 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, instrument};
 
-use super::{page_token::PageToken, status, validate};
+use super::{admin, status, validate};
 use crate::{
     proto::{self, usage_service_server::UsageService},
     store::Store,
     usage::{ReleaseOutcome, ReserveAction, ReserveOutcome, Usage, HOLD_TTL_RANGE},
 };
-
-/// Page size used when a request asks for none.
-const DEFAULT_PAGE_SIZE: i32 = 100;
 
 /// Largest page served; larger requests are lowered to it.
 pub const MAX_PAGE_SIZE: i32 = 1000;
@@ -191,59 +188,55 @@ impl UsageService for UsageApi {
         &self,
         request: Request<proto::ListAllRequest>,
     ) -> Result<Response<proto::ListAllResponse>, Status> {
-        let request = request.into_inner();
+        admin::list_all(&self.store, request).await
+    }
 
-        let mut violations = validate::Violations::default();
-        let feature = violations.feature("feature", &request.feature);
-        let tier = request.tier.as_deref().filter(|t| !t.is_empty());
-        if let Some(tier) = tier {
-            violations.id("tier", tier);
-        }
-        let page_size = match request.page_size {
-            size if size < 0 => {
-                violations.push("page_size", "must not be negative");
-                0
-            }
-            0 => DEFAULT_PAGE_SIZE,
-            size => size.min(MAX_PAGE_SIZE),
-        };
-        let filters = format!("{feature}|{}", tier.unwrap_or(""));
-        let after = match request.page_token.as_str() {
-            "" => String::new(),
-            token => match PageToken::decode(token) {
-                Some(t) if t.filters == filters && t.last_key.len() == 1 => t.last_key[0].clone(),
-                Some(_) => {
-                    violations.push(
-                        "page_token",
-                        "was issued for other filters; start again without a token",
-                    );
-                    String::new()
-                }
-                None => {
-                    violations.push("page_token", "is not a token this service issued");
-                    String::new()
-                }
-            },
-        };
-        violations.check()?;
-        tracing::Span::current().record("feature", feature.as_str());
+    #[instrument(skip_all, fields(user_id, feature))]
+    async fn set_tier(
+        &self,
+        request: Request<proto::SetTierRequest>,
+    ) -> Result<Response<proto::Usage>, Status> {
+        admin::set_tier(&self.store, request).await
+    }
 
-        let page = self
-            .store
-            .list_all(&feature, tier, &after, i64::from(page_size))
-            .await
-            .map_err(status::from_store)?;
-        let next_page_token = page.last_user_id.map_or_else(String::new, |last| {
-            PageToken {
-                filters,
-                last_key: vec![last],
-            }
-            .encode()
-        });
-        Ok(Response::new(proto::ListAllResponse {
-            usages: page.usages.into_iter().map(Into::into).collect(),
-            next_page_token,
-        }))
+    #[instrument(skip_all, fields(user_id, feature))]
+    async fn set_limit_override(
+        &self,
+        request: Request<proto::SetLimitOverrideRequest>,
+    ) -> Result<Response<proto::Usage>, Status> {
+        admin::set_limit_override(&self.store, request).await
+    }
+
+    #[instrument(skip_all, fields(user_id, feature))]
+    async fn clear_limit_override(
+        &self,
+        request: Request<proto::ClearLimitOverrideRequest>,
+    ) -> Result<Response<proto::Usage>, Status> {
+        admin::clear_limit_override(&self.store, request).await
+    }
+
+    #[instrument(skip_all, fields(feature))]
+    async fn set_tier_limit(
+        &self,
+        request: Request<proto::SetTierLimitRequest>,
+    ) -> Result<Response<proto::SetTierLimitResponse>, Status> {
+        admin::set_tier_limit(&self.store, request).await
+    }
+
+    #[instrument(skip_all, fields(feature))]
+    async fn get_summary(
+        &self,
+        request: Request<proto::GetSummaryRequest>,
+    ) -> Result<Response<proto::Summary>, Status> {
+        admin::get_summary(&self.store, request).await
+    }
+
+    #[instrument(skip_all, fields(feature))]
+    async fn list_events(
+        &self,
+        request: Request<proto::ListEventsRequest>,
+    ) -> Result<Response<proto::ListEventsResponse>, Status> {
+        admin::list_events(&self.store, request).await
     }
 
     async fn check(

@@ -6,6 +6,7 @@
 //! each a single statement and so a single round trip: a call cancelled by its
 //! client never leaves a transaction open or a change half-applied.
 
+mod admin;
 mod error;
 pub mod holds;
 pub mod migrate;
@@ -14,6 +15,7 @@ mod pool;
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
+pub use admin::{EventPage, UsagePage};
 pub use error::StoreError;
 pub use holds::{EventFilter, StoredEvent};
 pub use pool::connect_pool;
@@ -34,6 +36,24 @@ pub mod sql {
     pub const FEATURE_EXISTS: &str = include_str!("sql/feature_exists.sql");
     /// See `sql/check.sql`.
     pub const CHECK: &str = include_str!("sql/check.sql");
+    /// See `sql/list_all_by_usage.sql`.
+    pub const LIST_ALL_BY_USAGE: &str = include_str!("sql/list_all_by_usage.sql");
+    /// See `sql/set_tier.sql`.
+    pub const SET_TIER: &str = include_str!("sql/set_tier.sql");
+    /// See `sql/set_override.sql`.
+    pub const SET_OVERRIDE: &str = include_str!("sql/set_override.sql");
+    /// See `sql/clear_override.sql`.
+    pub const CLEAR_OVERRIDE: &str = include_str!("sql/clear_override.sql");
+    /// See `sql/set_tier_limit.sql`.
+    pub const SET_TIER_LIMIT: &str = include_str!("sql/set_tier_limit.sql");
+    /// See `sql/summary_tiers.sql`.
+    pub const SUMMARY_TIERS: &str = include_str!("sql/summary_tiers.sql");
+    /// See `sql/summary_refusals.sql`.
+    pub const SUMMARY_REFUSALS: &str = include_str!("sql/summary_refusals.sql");
+    /// See `sql/list_events_user.sql`.
+    pub const LIST_EVENTS_USER: &str = include_str!("sql/list_events_user.sql");
+    /// See `sql/list_events.sql`.
+    pub const LIST_EVENTS: &str = include_str!("sql/list_events.sql");
 }
 
 /// A user whose counter disagrees with its ledger or its audit trail.
@@ -55,15 +75,6 @@ pub struct Discrepancy {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-}
-
-/// One page of [`Store::list_all`].
-#[derive(Debug, Clone)]
-pub struct UsagePage {
-    /// The rows of this page, in user id order.
-    pub usages: Vec<Usage>,
-    /// The last user id of this page when more rows may follow.
-    pub last_user_id: Option<String>,
 }
 
 impl Store {
@@ -161,45 +172,6 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
         usage_from_row(user_id, feature, &row)
-    }
-
-    /// Up to `limit` users of `feature` whose id sorts after `after`.
-    pub async fn list_all(
-        &self,
-        feature: &str,
-        tier: Option<&str>,
-        after: &str,
-        limit: i64,
-    ) -> Result<UsagePage, StoreError> {
-        let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::LIST_ALL).await?;
-        let rows = client
-            .query(&statement, &[&feature, &tier, &after, &limit])
-            .await?;
-
-        if rows.is_empty() {
-            let exists = client.prepare_cached(sql::FEATURE_EXISTS).await?;
-            let known: bool = client.query_one(&exists, &[&feature]).await?.try_get(0)?;
-            if !known {
-                return Err(StoreError::UnknownFeature(feature.to_owned()));
-            }
-        }
-
-        let usages = rows
-            .iter()
-            .map(|row| {
-                let user_id: String = row.try_get("user_id")?;
-                usage_from_row(&user_id, feature, row)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let full_page = usages.len() as i64 == limit;
-        let last_user_id = full_page
-            .then(|| usages.last().map(|u| u.user_id.clone()))
-            .flatten();
-        Ok(UsagePage {
-            usages,
-            last_user_id,
-        })
     }
 }
 

@@ -4,6 +4,8 @@
 //! Identifiers are validated once, when a request enters the service, by the
 //! functions here; everything below the transport takes them as checked.
 
+pub mod admin;
+
 use std::fmt;
 
 pub mod feed;

@@ -1,0 +1,10 @@
+-- Sets a user's limit override: $1 user_id, $2 feature, $3 limit (NULL =
+-- unlimited), $4 expiry (NULL = none), $5 reason, $6 actor, $7 request id.
+-- Written under the user's row lock: usage_set_override
+-- (migrations/V2__tiers_overrides_audit.sql).
+-- Tier and override changes leave pending holds alone, so the pending count
+-- read alongside is the one in force before and after the call.
+SELECT r.outcome, r.tier, r.current_usage, r.usage_limit,
+       coalesce((SELECT u.pending_usage FROM user_tier_features AS u
+                  WHERE u.user_id = $1 AND u.feature_name = $2), 0) AS pending
+  FROM usage_set_override($1, $2, $3, $4, $5, $6, $7) AS r
