@@ -75,6 +75,10 @@ pub struct ServeArgs {
     #[arg(long, env = "USAGE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
 
+    /// How often holds nobody confirmed in time are freed; 0 turns it off.
+    #[arg(long, env = "USAGE_HOLD_SWEEP_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hold_sweep_interval: Duration,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "USAGE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

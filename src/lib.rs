@@ -48,12 +48,15 @@ use crate::{grpc::UsageApi, proto::usage_service_server::UsageServiceServer, sto
 pub struct ServerOptions {
     /// How often the database is probed for the health service.
     pub health_interval: Duration,
+    /// How often expired holds are freed; zero turns the sweep off.
+    pub hold_sweep_interval: Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             health_interval: Duration::from_secs(1),
+            hold_sweep_interval: Duration::from_secs(5),
         }
     }
 }
@@ -89,7 +92,15 @@ pub async fn run(
         stopped,
     ));
 
-    let api = UsageApi::new(store);
+    let hold_sweep = (!options.hold_sweep_interval.is_zero()).then(|| {
+        tokio::spawn(jobs::holds::sweep_expired_holds(
+            store.clone(),
+            options.hold_sweep_interval,
+            stop_jobs.subscribe(),
+        ))
+    });
+
+    let api = UsageApi::new(store).with_shutdown(stop_jobs.subscribe());
     let local_addr = listener
         .local_addr()
         .context("reading the listener address")?;
@@ -102,6 +113,9 @@ pub async fn run(
         // The watch must be gone before the last word, or its next probe
         // could report SERVING again.
         health_watch.await.ok();
+        if let Some(sweep) = hold_sweep {
+            sweep.await.ok();
+        }
         jobs::health::set_status(&reporter, false).await;
     };
 

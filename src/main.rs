@@ -47,6 +47,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen_addr))?;
     let options = ServerOptions {
         health_interval: args.health_interval,
+        hold_sweep_interval: args.hold_sweep_interval,
     };
     usage_service::run(listener, Store::new(pool), options, shutdown_signal()).await
 }

@@ -49,6 +49,7 @@ async fn malformed_identifiers_are_refused_and_write_nothing() {
                 product_id: product_id.to_string(),
                 feature: feature.to_string(),
                 action: 0,
+                hold_ttl: None,
             })
             .await
             .unwrap_err();
@@ -104,6 +105,7 @@ async fn all_violations_are_reported_together() {
             product_id: String::new(),
             feature: String::new(),
             action: 42,
+            hold_ttl: None,
         })
         .await
         .unwrap_err();

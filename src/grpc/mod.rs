@@ -2,9 +2,11 @@
 //! of errors to statuses, and the health and reflection services.
 
 mod admin;
+mod bulk;
 mod page_token;
 mod service;
 pub mod status;
 mod validate;
+mod watch;
 
 pub use service::{UsageApi, MAX_PAGE_SIZE};

@@ -1,6 +1,9 @@
 //! The `usage.v1.UsageService` handlers: validate, call the store, map the
 //! answer. No SQL and no business rule lives here.
 
+use std::time::Duration;
+
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, instrument};
 
@@ -8,7 +11,7 @@ use super::{admin, status, validate};
 use crate::{
     proto::{self, usage_service_server::UsageService},
     store::Store,
-    usage::{ReleaseOutcome, ReserveAction, ReserveOutcome, Usage},
+    usage::{ReleaseOutcome, ReserveAction, ReserveOutcome, Usage, HOLD_TTL_RANGE},
 };
 
 /// Largest page served; larger requests are lowered to it.
@@ -18,13 +21,63 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 #[derive(Clone)]
 pub struct UsageApi {
     store: Store,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl UsageApi {
     /// Handlers over `store`.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            shutdown: watch::channel(false).1,
+        }
     }
+
+    /// Ends long-lived streams when `shutdown` turns true, so that a graceful
+    /// shutdown does not wait for watchers forever.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    pub(super) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(super) fn shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Reads a `ReserveAction`; unspecified means add.
+pub(super) fn reserve_action(violations: &mut validate::Violations, action: i32) -> ReserveAction {
+    match proto::ReserveAction::try_from(action) {
+        Ok(proto::ReserveAction::Unspecified | proto::ReserveAction::Add) => ReserveAction::Add,
+        Ok(proto::ReserveAction::Restore) => ReserveAction::Restore,
+        Err(_) => {
+            violations.push("action", format!("unknown action {action}"));
+            ReserveAction::Add
+        }
+    }
+}
+
+/// Reads an optional hold time, which must lie within [`HOLD_TTL_RANGE`].
+fn hold_ttl(
+    violations: &mut validate::Violations,
+    ttl: Option<prost_types::Duration>,
+) -> Option<Duration> {
+    let ttl = ttl?;
+    let (min, max) = HOLD_TTL_RANGE;
+    let valid = (0..1_000_000_000).contains(&ttl.nanos)
+        && u64::try_from(ttl.seconds).is_ok_and(|s| s >= min.as_secs() && s <= max.as_secs());
+    if !valid {
+        violations.push(
+            "hold_ttl",
+            format!("must be between {}s and {}s", min.as_secs(), max.as_secs()),
+        );
+        return None;
+    }
+    Some(Duration::new(ttl.seconds as u64, ttl.nanos as u32))
 }
 
 #[tonic::async_trait]
@@ -41,20 +94,14 @@ impl UsageService for UsageApi {
         let user_id = violations.id("user_id", &request.user_id);
         let product_id = violations.id("product_id", &request.product_id);
         let feature = violations.feature("feature", &request.feature);
-        let action = match proto::ReserveAction::try_from(request.action) {
-            Ok(proto::ReserveAction::Unspecified | proto::ReserveAction::Add) => ReserveAction::Add,
-            Ok(proto::ReserveAction::Restore) => ReserveAction::Restore,
-            Err(_) => {
-                violations.push("action", format!("unknown action {}", request.action));
-                ReserveAction::Add
-            }
-        };
+        let action = reserve_action(&mut violations, request.action);
+        let hold = hold_ttl(&mut violations, request.hold_ttl);
         violations.check()?;
         record_ids(user_id, &feature, Some(product_id));
 
         let outcome = self
             .store
-            .reserve(user_id, &feature, product_id, action, &caller)
+            .reserve(user_id, &feature, product_id, action, hold, &caller)
             .await
             .map_err(status::from_store)?;
 
@@ -191,6 +238,43 @@ impl UsageService for UsageApi {
     ) -> Result<Response<proto::ListEventsResponse>, Status> {
         admin::list_events(&self.store, request).await
     }
+
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
+        self.check_quota(request).await
+    }
+
+    async fn reserve_many(
+        &self,
+        request: Request<proto::ReserveManyRequest>,
+    ) -> Result<Response<proto::ReserveManyResponse>, Status> {
+        self.reserve_many_slots(request).await
+    }
+
+    async fn release_many(
+        &self,
+        request: Request<proto::ReleaseManyRequest>,
+    ) -> Result<Response<proto::ReleaseManyResponse>, Status> {
+        self.release_many_slots(request).await
+    }
+
+    async fn confirm(
+        &self,
+        request: Request<proto::ConfirmRequest>,
+    ) -> Result<Response<proto::ConfirmResponse>, Status> {
+        self.confirm_hold(request).await
+    }
+
+    type WatchUsageStream = super::watch::EventStream;
+
+    async fn watch_usage(
+        &self,
+        request: Request<proto::WatchUsageRequest>,
+    ) -> Result<Response<Self::WatchUsageStream>, Status> {
+        self.watch(request).await
+    }
 }
 
 /// Adds the request's identifiers to the current span, so every log line of
@@ -217,6 +301,7 @@ impl From<Usage> for proto::Usage {
             usage_limit: usage.usage_limit,
             remaining,
             over_limit,
+            pending: usage.pending,
         }
     }
 }

@@ -35,6 +35,11 @@ impl Violations {
         self.0.push(FieldViolation::new(field, description));
     }
 
+    /// True once any violation was recorded.
+    pub(crate) fn has_any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
     /// `Ok` when nothing was wrong.
     pub(crate) fn check(self) -> Result<(), Status> {
         if self.0.is_empty() {

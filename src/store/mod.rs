@@ -8,6 +8,7 @@
 
 mod admin;
 mod error;
+pub mod holds;
 pub mod migrate;
 mod pool;
 
@@ -16,6 +17,7 @@ use tokio_postgres::Row;
 
 pub use admin::{EventPage, UsagePage};
 pub use error::StoreError;
+pub use holds::{EventFilter, StoredEvent};
 pub use pool::connect_pool;
 
 use crate::usage::{Caller, ReleaseOutcome, ReserveAction, ReserveOutcome, Usage};
@@ -87,14 +89,18 @@ impl Store {
     }
 
     /// Takes a slot for `product_id` unless the user is at its limit.
+    /// With `hold`, the slot is pending for that long: it must be confirmed
+    /// or it is freed.
     pub async fn reserve(
         &self,
         user_id: &str,
         feature: &str,
         product_id: &str,
         action: ReserveAction,
+        hold: Option<std::time::Duration>,
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
+        let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(sql::RESERVE).await?;
         let row = client
@@ -107,6 +113,7 @@ impl Store {
                     &action.as_audit_action(),
                     &caller.actor,
                     &caller.request_id,
+                    &hold_secs,
                 ],
             )
             .await?;
@@ -190,12 +197,13 @@ impl Store {
 }
 
 /// Reads the `tier`, `current_usage` and `usage_limit` columns.
-fn usage_from_row(user_id: &str, feature: &str, row: &Row) -> Result<Usage, StoreError> {
+pub(crate) fn usage_from_row(user_id: &str, feature: &str, row: &Row) -> Result<Usage, StoreError> {
     Ok(Usage {
         user_id: user_id.to_owned(),
         feature: feature.to_owned(),
         tier: row.try_get("tier")?,
         current_usage: row.try_get("current_usage")?,
         usage_limit: row.try_get("usage_limit")?,
+        pending: row.try_get("pending")?,
     })
 }

@@ -161,11 +161,17 @@ pub enum AuditAction {
     Reconcile,
     /// Slots recorded for products that existed before the service.
     Backfill,
+    /// A slot taken pending confirmation.
+    Hold,
+    /// A pending slot made permanent.
+    Confirm,
+    /// A pending slot freed because nobody confirmed it in time.
+    Expire,
 }
 
 impl AuditAction {
     /// Every action, in the order the audit trail documents them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Reserve,
         Self::Restore,
         Self::Release,
@@ -175,6 +181,9 @@ impl AuditAction {
         Self::TierLimit,
         Self::Reconcile,
         Self::Backfill,
+        Self::Hold,
+        Self::Confirm,
+        Self::Expire,
     ];
 
     /// The action as written in `usage_events.action`.
@@ -189,6 +198,9 @@ impl AuditAction {
             Self::TierLimit => "tier_limit",
             Self::Reconcile => "reconcile",
             Self::Backfill => "backfill",
+            Self::Hold => "hold",
+            Self::Confirm => "confirm",
+            Self::Expire => "expire",
         }
     }
 }

@@ -8,6 +8,8 @@ pub mod admin;
 
 use std::fmt;
 
+pub mod feed;
+
 /// The feature counted when a request names none.
 pub const DEFAULT_FEATURE: &str = "product_slot";
 
@@ -95,6 +97,8 @@ pub struct Usage {
     pub current_usage: i64,
     /// The limit in force; `None` is unlimited.
     pub usage_limit: Option<i64>,
+    /// Slots held pending confirmation, included in `current_usage`.
+    pub pending: i64,
 }
 
 impl Usage {
@@ -143,6 +147,60 @@ pub struct Caller {
     pub request_id: Option<String>,
 }
 
+/// Most products one bulk call may name.
+pub const MAX_BULK_PRODUCTS: usize = 1000;
+
+/// Shortest and longest time a hold may be asked for.
+pub const HOLD_TTL_RANGE: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(24 * 60 * 60),
+);
+
+/// The answer to a ReserveMany.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveManyOutcome {
+    /// Every product not yet holding a slot got one.
+    Reserved {
+        /// Usage after the call.
+        usage: Usage,
+        /// Products that got a slot now.
+        reserved: Vec<String>,
+        /// Products that held one already.
+        already_held: Vec<String>,
+    },
+    /// Not enough room for all of them: none was reserved.
+    Denied {
+        /// Usage now.
+        usage: Usage,
+        /// Slots the call needed.
+        requested: i64,
+        /// Slots that were free.
+        available: i64,
+    },
+}
+
+/// The answer to a ReleaseMany.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseManyOutcome {
+    /// Usage after the call.
+    pub usage: Usage,
+    /// Products whose slot was freed.
+    pub released: Vec<String>,
+    /// Products that held no slot.
+    pub not_held: Vec<String>,
+}
+
+/// The answer to a Confirm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfirmOutcome {
+    /// The hold is now permanent (or already was).
+    Confirmed(Usage),
+    /// The hold had expired; the slot was reserved again.
+    ReReserved(Usage),
+    /// The hold had expired and the user is at its limit.
+    Denied(Usage),
+}
+
 impl fmt::Display for ReserveAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_audit_action())
@@ -174,6 +232,7 @@ mod tests {
             tier: "free".into(),
             current_usage: 50,
             usage_limit: Some(50),
+            pending: 0,
         };
         assert_eq!(usage.remaining(), Some(0));
         assert!(!usage.over_limit());

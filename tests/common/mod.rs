@@ -126,11 +126,29 @@ impl TestServer {
         Self::start_with(db, args).await
     }
 
+    /// A migrated fresh database and a server on it, with `configure` applied
+    /// to the default options.
+    pub async fn start_configured(configure: impl FnOnce(&mut ServerOptions)) -> Self {
+        let db = TestDb::create().await;
+        let args = db.args();
+        let pool = store::connect_pool(&args).expect("building the pool");
+        store::migrate::run(&pool).await.expect("migrating");
+        Self::start_inner(db, args, configure).await
+    }
+
     /// A server on an existing, migrated database, with the given settings.
+    pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
+        Self::start_inner(db, args, |_| {}).await
+    }
+
     // Options are assigned one by one so that settings added to ServerOptions
     // later keep their defaults here.
     #[allow(clippy::field_reassign_with_default)]
-    pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
+    async fn start_inner(
+        db: TestDb,
+        args: DatabaseArgs,
+        configure: impl FnOnce(&mut ServerOptions),
+    ) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
         let store = Store::new(pool);
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -140,6 +158,7 @@ impl TestServer {
         let (tx, rx) = oneshot::channel();
         let mut options = ServerOptions::default();
         options.health_interval = Duration::from_millis(100);
+        configure(&mut options);
         let task = tokio::spawn(usage_service::run(
             listener,
             store.clone(),

@@ -1,5 +1,9 @@
 -- Removes a user's limit override: $1 user_id, $2 feature, $3 reason, $4
 -- actor, $5 request id. Written under the user's row lock:
 -- usage_clear_override (migrations/V2__tiers_overrides_audit.sql).
-SELECT outcome, tier, current_usage, usage_limit
-  FROM usage_clear_override($1, $2, $3, $4, $5)
+-- Tier and override changes leave pending holds alone, so the pending count
+-- read alongside is the one in force before and after the call.
+SELECT r.outcome, r.tier, r.current_usage, r.usage_limit,
+       coalesce((SELECT u.pending_usage FROM user_tier_features AS u
+                  WHERE u.user_id = $1 AND u.feature_name = $2), 0) AS pending
+  FROM usage_clear_override($1, $2, $3, $4, $5) AS r

@@ -6,7 +6,8 @@
 -- returned twice and a row that existed throughout is never skipped, whatever
 -- is written meanwhile. Utilization is compared in numeric, so 0.8 of 50 is
 -- exactly 40; an unlimited user matches neither filter.
-SELECT u.user_id, u.tier, u.current_usage, limit_in_force(u) AS usage_limit
+SELECT u.user_id, u.tier, u.current_usage, limit_in_force(u) AS usage_limit,
+       u.pending_usage AS pending
   FROM user_tier_features AS u
  WHERE u.feature_name = $1
    AND ($2::text IS NULL OR u.tier = $2)

@@ -8,7 +8,8 @@
 -- returned exactly once; one whose usage changes may move across the page
 -- boundary. No index serves this order (see V2): each page sorts the
 -- feature's matching rows, keeping only the top $7.
-SELECT u.user_id, u.tier, u.current_usage, limit_in_force(u) AS usage_limit
+SELECT u.user_id, u.tier, u.current_usage, limit_in_force(u) AS usage_limit,
+       u.pending_usage AS pending
   FROM user_tier_features AS u
  WHERE u.feature_name = $1
    AND ($2::text IS NULL OR u.tier = $2)

@@ -2,5 +2,9 @@
 -- unlimited), $4 expiry (NULL = none), $5 reason, $6 actor, $7 request id.
 -- Written under the user's row lock: usage_set_override
 -- (migrations/V2__tiers_overrides_audit.sql).
-SELECT outcome, tier, current_usage, usage_limit
-  FROM usage_set_override($1, $2, $3, $4, $5, $6, $7)
+-- Tier and override changes leave pending holds alone, so the pending count
+-- read alongside is the one in force before and after the call.
+SELECT r.outcome, r.tier, r.current_usage, r.usage_limit,
+       coalesce((SELECT u.pending_usage FROM user_tier_features AS u
+                  WHERE u.user_id = $1 AND u.feature_name = $2), 0) AS pending
+  FROM usage_set_override($1, $2, $3, $4, $5, $6, $7) AS r
