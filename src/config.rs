@@ -26,6 +26,22 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending migrations and exit.
     Migrate(DatabaseArgs),
+    /// Check the data for lost or double-counted slots, limits exceeded and
+    /// sessions left idle in a transaction; print each violation and exit
+    /// non-zero when there is one.
+    Check(CheckArgs),
+}
+
+/// Everything `check` needs.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Report a session as left `idle in transaction` once it has been so for
+    /// this long.
+    #[arg(long, env = "USAGE_CHECK_IDLE_IN_TRANSACTION_AFTER", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub idle_in_transaction_after: Duration,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// How to reach PostgreSQL and how many connections to keep.

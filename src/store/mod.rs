@@ -6,6 +6,7 @@
 //! each a single statement and so a single round trip: a call cancelled by its
 //! client never leaves a transaction open or a change half-applied.
 
+mod check;
 mod error;
 pub mod migrate;
 mod pool;
@@ -13,6 +14,9 @@ mod pool;
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
+pub use check::{
+    CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, Violation,
+};
 pub use error::StoreError;
 pub use pool::connect_pool;
 
@@ -32,6 +36,16 @@ pub mod sql {
     pub const FEATURE_EXISTS: &str = include_str!("sql/feature_exists.sql");
     /// See `sql/check.sql`.
     pub const CHECK: &str = include_str!("sql/check.sql");
+    /// See `sql/check_products.sql`.
+    pub const CHECK_PRODUCTS: &str = include_str!("sql/check_products.sql");
+    /// See `sql/check_limits.sql`.
+    pub const CHECK_LIMITS: &str = include_str!("sql/check_limits.sql");
+    /// See `sql/check_idle.sql`.
+    pub const CHECK_IDLE: &str = include_str!("sql/check_idle.sql");
+    /// See `sql/held_slots.sql`.
+    pub const HELD_SLOTS: &str = include_str!("sql/held_slots.sql");
+    /// See `sql/usage_by_user.sql`.
+    pub const USAGE_BY_USER: &str = include_str!("sql/usage_by_user.sql");
 }
 
 /// A user whose counter disagrees with its ledger or its audit trail.

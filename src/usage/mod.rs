@@ -4,6 +4,8 @@
 //! Identifiers are validated once, when a request enters the service, and then
 //! travel as types that cannot hold an invalid value.
 
+pub mod history;
+
 use std::fmt;
 
 /// The feature counted when a request names none.
