@@ -7,6 +7,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+pub mod load;
+pub mod process;
 pub mod proxy;
 
 use std::{
@@ -21,7 +24,8 @@ use tonic::transport::Channel;
 use usage_service::{
     config::DatabaseArgs,
     proto::usage_service_client::UsageServiceClient,
-    store::{self, Discrepancy, Store},
+    store::{self, CheckOptions, Discrepancy, Store},
+    usage::history::History,
     ServerOptions,
 };
 
@@ -197,6 +201,11 @@ impl TestServer {
         );
     }
 
+    /// Runs every consistency check (see [`assert_checks`]).
+    pub async fn assert_checks(&self, history: Option<&History>) {
+        assert_checks(&self.store, history).await;
+    }
+
     /// Shuts the server down gracefully and drops its database.
     pub async fn stop(mut self) {
         self.shutdown_server().await;
@@ -250,4 +259,54 @@ where
 /// Counts rows with a query returning one bigint.
 pub async fn count(sql: &tokio_postgres::Client, query: &str) -> i64 {
     sql.query_one(query, &[]).await.expect(query).get(0)
+}
+
+/// The checks every fault test ends with, from the library (the same code as
+/// `usage-service check`): counter = ledger = audit sum for every user, no
+/// product counted twice, no usage grown past a limit, no session left idle
+/// in a transaction, and, given a client's `history`, no acknowledged slot
+/// lost, none stray, every user's usage within the bounds the answers allow.
+pub async fn assert_checks(store: &Store, history: Option<&History>) {
+    let options = CheckOptions {
+        idle_in_transaction_after: Duration::ZERO,
+    };
+    let mut violations = store.check(&options).await.expect("running the checks");
+    if let Some(history) = history {
+        let feature = usage_service::usage::DEFAULT_FEATURE;
+        violations.extend(
+            store
+                .check_history(feature, history)
+                .await
+                .expect("reading the ledger"),
+        );
+    }
+    let lines: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    assert!(lines.is_empty(), "checks failed:\n{}", lines.join("\n"));
+}
+
+/// The address of the PostgreSQL server the tests use.
+pub fn postgres_addr() -> SocketAddr {
+    let config: tokio_postgres::Config = admin_url().parse().expect("a valid test URL");
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) if host != "localhost" => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}").parse().expect("a host and port")
+}
+
+/// `url` with its host and port replaced by `addr` (to go through a proxy).
+pub fn url_via(url: &str, addr: SocketAddr) -> String {
+    let (server, db) = url.rsplit_once('/').expect("a URL ending in /db");
+    let (scheme_user, _) = server.rsplit_once('@').expect("a URL with user@host");
+    format!("{scheme_user}@{addr}/{db}")
+}
+
+/// A fresh migrated database; the pool used to migrate is closed.
+pub async fn migrated_db() -> TestDb {
+    let db = TestDb::create().await;
+    let pool = store::connect_pool(&db.args()).expect("building the pool");
+    store::migrate::run(&pool).await.expect("migrating");
+    pool.close();
+    db
 }
