@@ -66,7 +66,11 @@ async fn check_finds_each_kind_of_violation() {
     };
     let violations = server.store.check(&options).await.expect("checking");
     let users = |pick: fn(&Violation) -> Option<&str>| -> Vec<String> {
-        let mut users: Vec<String> = violations.iter().filter_map(pick).map(str::to_owned).collect();
+        let mut users: Vec<String> = violations
+            .iter()
+            .filter_map(pick)
+            .map(str::to_owned)
+            .collect();
         users.sort();
         users
     };

@@ -100,13 +100,22 @@ async fn retries_and_duplicates_never_double_count() {
         for p in 0..10 {
             let product = format!("p{p}");
             if p % 2 == 0 {
-                let answer = client.reserve(reserve("dup", &product)).await.expect("reserve");
+                let answer = client
+                    .reserve(reserve("dup", &product))
+                    .await
+                    .expect("reserve");
                 if round > 0 {
-                    assert!(answer.into_inner().already_held, "a repeat reserves nothing");
+                    assert!(
+                        answer.into_inner().already_held,
+                        "a repeat reserves nothing"
+                    );
                 }
                 history.record("dup", &product, CallKind::Reserve, CallResult::Acknowledged);
             } else {
-                let answer = client.release(release("dup", &product)).await.expect("release");
+                let answer = client
+                    .release(release("dup", &product))
+                    .await
+                    .expect("release");
                 if round > 0 {
                     assert!(!answer.into_inner().was_held, "a repeat releases nothing");
                 }
@@ -133,8 +142,16 @@ async fn deadlines_and_cancellations_converge_on_retry() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let mut history = History::new();
-    client.reserve(reserve("locked", "first")).await.expect("setup");
-    history.record("locked", "first", CallKind::Reserve, CallResult::Acknowledged);
+    client
+        .reserve(reserve("locked", "first"))
+        .await
+        .expect("setup");
+    history.record(
+        "locked",
+        "first",
+        CallKind::Reserve,
+        CallResult::Acknowledged,
+    );
 
     let holder = server.sql().await;
     holder
@@ -178,30 +195,47 @@ async fn deadlines_and_cancellations_converge_on_retry() {
             matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
             "{status:?}"
         );
-        assert!(elapsed < deadline + Duration::from_secs(1), "answered after {elapsed:?}");
+        assert!(
+            elapsed < deadline + Duration::from_secs(1),
+            "answered after {elapsed:?}"
+        );
     }
     for p in 0..6 {
-        history.record("locked", &format!("t{p}"), CallKind::Reserve, CallResult::Unknown);
+        history.record(
+            "locked",
+            &format!("t{p}"),
+            CallKind::Reserve,
+            CallResult::Unknown,
+        );
     }
     history.record("locked", "first", CallKind::Release, CallResult::Unknown);
 
     // The abandoned calls have reached PostgreSQL and wait for the row.
     let sql = server.sql().await;
-    common::eventually(Duration::from_secs(5), "10 statements waiting for the row", || async {
-        common::count(
-            &sql,
-            "SELECT count(*) FROM pg_stat_activity
+    common::eventually(
+        Duration::from_secs(5),
+        "10 statements waiting for the row",
+        || async {
+            common::count(
+                &sql,
+                "SELECT count(*) FROM pg_stat_activity
               WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .await
-            >= 10
-    })
+            )
+            .await
+                >= 10
+        },
+    )
     .await;
     for call in &abandoned {
         call.abort();
     }
     for p in 0..3 {
-        history.record("locked", &format!("d{p}"), CallKind::Reserve, CallResult::Unknown);
+        history.record(
+            "locked",
+            &format!("d{p}"),
+            CallKind::Reserve,
+            CallResult::Unknown,
+        );
     }
 
     let options = usage_service::store::CheckOptions {
@@ -215,19 +249,46 @@ async fn deadlines_and_cancellations_converge_on_retry() {
         "the held transaction is reported: {found:?}"
     );
 
-    holder.batch_execute("ROLLBACK").await.expect("releasing the row");
+    holder
+        .batch_execute("ROLLBACK")
+        .await
+        .expect("releasing the row");
     for p in 0..6 {
         let product = format!("t{p}");
-        client.reserve(reserve("locked", &product)).await.expect("retry");
-        history.record("locked", &product, CallKind::Reserve, CallResult::Acknowledged);
+        client
+            .reserve(reserve("locked", &product))
+            .await
+            .expect("retry");
+        history.record(
+            "locked",
+            &product,
+            CallKind::Reserve,
+            CallResult::Acknowledged,
+        );
     }
     for p in 0..3 {
         let product = format!("d{p}");
-        client.reserve(reserve("locked", &product)).await.expect("retry");
-        history.record("locked", &product, CallKind::Reserve, CallResult::Acknowledged);
+        client
+            .reserve(reserve("locked", &product))
+            .await
+            .expect("retry");
+        history.record(
+            "locked",
+            &product,
+            CallKind::Reserve,
+            CallResult::Acknowledged,
+        );
     }
-    client.release(release("locked", "first")).await.expect("retry");
-    history.record("locked", "first", CallKind::Release, CallResult::Acknowledged);
+    client
+        .release(release("locked", "first"))
+        .await
+        .expect("retry");
+    history.record(
+        "locked",
+        "first",
+        CallKind::Release,
+        CallResult::Acknowledged,
+    );
 
     common::eventually(Duration::from_secs(5), "no statement waiting", || async {
         common::count(
@@ -270,18 +331,26 @@ async fn killed_connections_fail_unavailable_and_recover() {
         assert!(killed > 0, "the service had connections to kill");
         let killed_at = Instant::now();
         let product = format!("probe-{round}");
-        common::eventually(Duration::from_secs(2), "a call to succeed after the kill", || {
-            let (mut probe, product) = (probe.clone(), product.clone());
-            async move { probe.reserve(reserve("probe", &product)).await.is_ok() }
-        })
+        common::eventually(
+            Duration::from_secs(2),
+            "a call to succeed after the kill",
+            || {
+                let (mut probe, product) = (probe.clone(), product.clone());
+                async move { probe.reserve(reserve("probe", &product)).await.is_ok() }
+            },
+        )
         .await;
-        println!("round {round}: killed {killed} connections, serving again after {:?}", killed_at.elapsed());
-        probe.get(usage_service::proto::GetRequest {
-            user_id: "probe".into(),
-            feature: String::new(),
-        })
-        .await
-        .expect("the service still serves");
+        println!(
+            "round {round}: killed {killed} connections, serving again after {:?}",
+            killed_at.elapsed()
+        );
+        probe
+            .get(usage_service::proto::GetRequest {
+                user_id: "probe".into(),
+                feature: String::new(),
+            })
+            .await
+            .expect("the service still serves");
         load.wait_for_successes(100, Duration::from_secs(30)).await;
     }
 
@@ -324,9 +393,11 @@ async fn slow_database_honours_deadlines_and_recovers() {
     proxy.set_delay(Duration::from_millis(1500));
     let slow_since = Instant::now();
     let completed = load.completed();
-    common::eventually(Duration::from_secs(20), "32 calls to end while slow", || async {
-        load.completed() >= completed + 32
-    })
+    common::eventually(
+        Duration::from_secs(20),
+        "32 calls to end while slow",
+        || async { load.completed() >= completed + 32 },
+    )
     .await;
     let during = rate(&load, Duration::from_secs(1)).await;
 
@@ -346,17 +417,25 @@ async fn slow_database_honours_deadlines_and_recovers() {
         .iter()
         .filter(|c| c.started > slow_since + Duration::from_millis(100) && c.finished < fast_since)
         .collect();
-    assert!(!slow_calls.is_empty(), "calls ran while the database was slow");
+    assert!(
+        !slow_calls.is_empty(),
+        "calls ran while the database was slow"
+    );
     for call in slow_calls {
         let elapsed = call.finished - call.started;
         assert!(
-            matches!(call.code, Some(Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable))
-                && call.message != "client-side deadline",
+            matches!(
+                call.code,
+                Some(Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable)
+            ) && call.message != "client-side deadline",
             "{:?} {:?} after {elapsed:?}",
             call.code,
             call.message
         );
-        assert!(elapsed < deadline + Duration::from_millis(400), "answered after {elapsed:?}");
+        assert!(
+            elapsed < deadline + Duration::from_millis(400),
+            "answered after {elapsed:?}"
+        );
     }
     server.assert_checks(Some(&report.history)).await;
     server.stop().await;

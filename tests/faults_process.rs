@@ -78,10 +78,16 @@ async fn graceful_shutdown_under_load_answers_every_started_call() {
     let report = load.finish().await;
     println!("{}", report.summary());
 
-    assert!(status.success(), "the server exits 0 after SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "the server exits 0 after SIGTERM: {status:?}"
+    );
     assert!(assert_answered_before(&report, 0, signal_at) > 0);
     let log = server.log().join("\n");
-    assert!(log.contains("received SIGTERM") && log.contains("shut down"), "{log}");
+    assert!(
+        log.contains("received SIGTERM") && log.contains("shut down"),
+        "{log}"
+    );
 
     let store = store_on(&db);
     assert_checks(&store, Some(&report.history)).await;
@@ -134,7 +140,10 @@ async fn two_replicas_one_stopped_mid_load() {
             );
         })
         .count();
-    assert!(served_alone >= 200, "the remaining replica served {served_alone} calls");
+    assert!(
+        served_alone >= 200,
+        "the remaining replica served {served_alone} calls"
+    );
 
     let store = store_on(&db);
     assert_checks(&store, Some(&report.history)).await;

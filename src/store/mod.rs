@@ -14,9 +14,7 @@ mod pool;
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
-pub use check::{
-    CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, Violation,
-};
+pub use check::{CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, Violation};
 pub use error::StoreError;
 pub use pool::connect_pool;
 

@@ -131,7 +131,8 @@ fn bindir() -> PathBuf {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    dirs.pop().expect("an initdb under /usr/lib/postgresql/*/bin")
+    dirs.pop()
+        .expect("an initdb under /usr/lib/postgresql/*/bin")
 }
 
 fn running_as_root() -> bool {

@@ -216,7 +216,7 @@ struct Worker {
 
 impl Worker {
     async fn run(self) -> Vec<CallRecord> {
-        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (self.task as u64 + 1) * 0x1000_0001);
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ ((self.task as u64 + 1) * 0x1000_0001));
         let mut history = History::new();
         let mut records = Vec::new();
         let mut next_client = self.task;
@@ -226,11 +226,7 @@ impl Worker {
                 break;
             }
             let user_id = self.spec.users[rng.below(self.spec.users.len())].clone();
-            let product_id = format!(
-                "t{}-p{}",
-                self.task,
-                rng.below(self.spec.products_per_task)
-            );
+            let product_id = format!("t{}-p{}", self.task, rng.below(self.spec.products_per_task));
             let kind = match history.state(&user_id, &product_id) {
                 SlotState::Held => CallKind::Release,
                 SlotState::Free => CallKind::Reserve,
@@ -238,6 +234,7 @@ impl Worker {
                 SlotState::Unknown => CallKind::Release,
             };
 
+            let mut failed = false;
             for attempt in 0..self.spec.attempts.max(1) {
                 let client = next_client % self.clients.len();
                 next_client += 1;
@@ -247,17 +244,29 @@ impl Worker {
                 if record.code.is_none() {
                     self.succeeded.fetch_add(1, Ordering::SeqCst);
                 }
-                let retry = retryable(record.code) && attempt + 1 < self.spec.attempts;
+                failed = retryable(record.code);
+                let retry = failed && attempt + 1 < self.spec.attempts;
                 records.push(record);
                 if !retry || self.stop.load(Ordering::SeqCst) {
                     break;
                 }
+                // A client backs off before retrying, as product services do.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if failed {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         records
     }
 
-    async fn call(&self, client: usize, user_id: &str, product_id: &str, kind: CallKind) -> CallRecord {
+    async fn call(
+        &self,
+        client: usize,
+        user_id: &str,
+        product_id: &str,
+        kind: CallKind,
+    ) -> CallRecord {
         let mut grpc = self.clients[client].clone();
         let deadline = self.spec.deadline;
         let started = Instant::now();
@@ -289,7 +298,10 @@ impl Worker {
         let (code, message) = match outcome {
             Ok(Ok(())) => (None, String::new()),
             Ok(Err(status)) => (Some(status.code()), status.message().to_owned()),
-            Err(_) => (Some(Code::DeadlineExceeded), "client-side deadline".to_owned()),
+            Err(_) => (
+                Some(Code::DeadlineExceeded),
+                "client-side deadline".to_owned(),
+            ),
         };
         CallRecord {
             user_id: user_id.to_owned(),

@@ -50,7 +50,10 @@ impl ServerProcess {
                 if let Some(addr) = listen_addr(&line) {
                     let _ = tx.send(addr);
                 }
-                lines.lock().expect("the log lock is not poisoned").push(line);
+                lines
+                    .lock()
+                    .expect("the log lock is not poisoned")
+                    .push(line);
             }
         });
         let addr = rx
@@ -100,7 +103,10 @@ impl ServerProcess {
 
     /// The log lines written so far.
     pub fn log(&self) -> Vec<String> {
-        self.log.lock().expect("the log lock is not poisoned").clone()
+        self.log
+            .lock()
+            .expect("the log lock is not poisoned")
+            .clone()
     }
 }
 
