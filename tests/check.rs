@@ -64,7 +64,7 @@ async fn check_finds_each_kind_of_violation() {
     let options = CheckOptions {
         idle_in_transaction_after: Duration::ZERO,
     };
-    let violations = server.store.check(&options).await.expect("checking");
+    let violations = server.checker.check(&options).await.expect("checking");
     let users = |pick: fn(&Violation) -> Option<&str>| -> Vec<String> {
         let mut users: Vec<String> = violations
             .iter()

@@ -9,7 +9,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_checks,
     load::{Load, LoadSpec},
     postgres_addr,
     proxy::Proxy,
@@ -241,7 +240,7 @@ async fn deadlines_and_cancellations_converge_on_retry() {
     let options = usage_service::store::CheckOptions {
         idle_in_transaction_after: Duration::ZERO,
     };
-    let found = server.store.check(&options).await.expect("checking");
+    let found = server.checker.check(&options).await.expect("checking");
     assert!(
         found
             .iter()
@@ -364,7 +363,7 @@ async fn killed_connections_fail_unavailable_and_recover() {
             call.message
         );
     }
-    assert_checks(&server.store, Some(&report.history)).await;
+    server.assert_checks(Some(&report.history)).await;
     server.stop().await;
 }
 

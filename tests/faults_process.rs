@@ -28,7 +28,7 @@ async fn wait_until_serving(server: &ServerProcess) {
 
 /// A store on `db`, for the checks.
 fn store_on(db: &TestDb) -> Store {
-    Store::new(store::connect_pool(&db.args()).expect("building the pool"))
+    Store::new(store::connect_pool(&db.direct_args()).expect("building the pool"))
 }
 
 /// Every call sent to `client` before `signal_at` was answered by the
@@ -63,7 +63,7 @@ fn assert_answered_before(report: &LoadReport, client: usize, signal_at: Instant
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_under_load_answers_every_started_call() {
     let db = migrated_db().await;
-    let mut server = ServerProcess::spawn(&db.url);
+    let mut server = ServerProcess::spawn(&db.service_url());
     wait_until_serving(&server).await;
     let spec = LoadSpec {
         deadline: Duration::from_secs(5),
@@ -104,8 +104,8 @@ async fn graceful_shutdown_under_load_answers_every_started_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_stopped_mid_load() {
     let db = migrated_db().await;
-    let mut stopping = ServerProcess::spawn(&db.url);
-    let staying = ServerProcess::spawn(&db.url);
+    let mut stopping = ServerProcess::spawn(&db.service_url());
+    let staying = ServerProcess::spawn(&db.service_url());
     wait_until_serving(&stopping).await;
     wait_until_serving(&staying).await;
 

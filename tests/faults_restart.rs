@@ -17,7 +17,6 @@ use std::{
 };
 
 use common::{
-    assert_checks,
     cluster::Cluster,
     connect, eventually, health_status,
     load::{Load, LoadSpec},
@@ -46,7 +45,10 @@ async fn server_on_own_cluster() -> (Arc<Cluster>, TestServer) {
         name: "usage".into(),
         url: cluster.url("usage"),
     };
-    let mut args = db.args();
+    // Straight to the cluster: a pooler in front of the shared server has no
+    // route to it.
+    let mut args = db.direct_args();
+    args.db_pool_size = 16;
     args.db_pool_wait_timeout = Duration::from_secs(1);
     args.db_connect_timeout = Duration::from_secs(1);
     let pool = store::connect_pool(&args).expect("building the pool");
@@ -142,7 +144,7 @@ async fn postgres_restart_loses_no_acknowledged_slot() {
             call.message
         );
     }
-    assert_checks(&server.store, Some(&report.history)).await;
+    server.assert_checks(Some(&report.history)).await;
     server.shutdown_server().await;
 }
 
@@ -196,6 +198,6 @@ async fn soak_mixed_load_with_restarts() {
         started.elapsed(),
         report.summary()
     );
-    assert_checks(&server.store, Some(&report.history)).await;
+    server.assert_checks(Some(&report.history)).await;
     server.shutdown_server().await;
 }

@@ -88,12 +88,35 @@ impl TestDb {
             .expect("dropping the test database");
     }
 
-    /// Pool settings for this database.
+    /// Pool settings for the service on this database: through the
+    /// connection pooler at `USAGE_TEST_POOLER_ADDR` (host:port, e.g. a
+    /// PgBouncer) when set, directly otherwise.
     pub fn args(&self) -> DatabaseArgs {
         DatabaseArgs {
-            database_url: self.url.clone(),
+            database_url: self.service_url(),
             db_pool_size: 16,
             ..DatabaseArgs::default()
+        }
+    }
+
+    /// Pool settings that always reach PostgreSQL directly: for migrations
+    /// (a session-level advisory lock) and for the checks.
+    pub fn direct_args(&self) -> DatabaseArgs {
+        DatabaseArgs {
+            database_url: self.url.clone(),
+            db_pool_size: 2,
+            ..DatabaseArgs::default()
+        }
+    }
+
+    /// The URL the service uses: through the pooler when one is configured.
+    pub fn service_url(&self) -> String {
+        match std::env::var("USAGE_TEST_POOLER_ADDR") {
+            Ok(addr) if !addr.is_empty() => url_via(
+                &self.url,
+                addr.parse().expect("USAGE_TEST_POOLER_ADDR is host:port"),
+            ),
+            _ => self.url.clone(),
         }
     }
 }
@@ -111,7 +134,10 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub db: TestDb,
+    /// The store the server uses.
     pub store: Store,
+    /// A store connected directly to PostgreSQL, for the checks.
+    pub checker: Store,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -119,10 +145,8 @@ pub struct TestServer {
 impl TestServer {
     /// A migrated fresh database and a server on it.
     pub async fn start() -> Self {
-        let db = TestDb::create().await;
+        let db = migrated_db().await;
         let args = db.args();
-        let pool = store::connect_pool(&args).expect("building the pool");
-        store::migrate::run(&pool).await.expect("migrating");
         Self::start_with(db, args).await
     }
 
@@ -148,10 +172,13 @@ impl TestServer {
                 rx.await.ok();
             },
         ));
+        let checker =
+            Store::new(store::connect_pool(&db.direct_args()).expect("building the pool"));
         let server = Self {
             addr,
             db,
             store,
+            checker,
             shutdown: Some(tx),
             task: Some(task),
         };
@@ -191,7 +218,7 @@ impl TestServer {
     /// Asserts that counters, ledger and audit trail agree for every user.
     pub async fn assert_invariants(&self) {
         let discrepancies: Vec<Discrepancy> = self
-            .store
+            .checker
             .check_invariants()
             .await
             .expect("reading the invariants");
@@ -203,7 +230,7 @@ impl TestServer {
 
     /// Runs every consistency check (see [`assert_checks`]).
     pub async fn assert_checks(&self, history: Option<&History>) {
-        assert_checks(&self.store, history).await;
+        assert_checks(&self.checker, history).await;
     }
 
     /// Shuts the server down gracefully and drops its database.
@@ -223,6 +250,7 @@ impl TestServer {
                 .expect("the server shuts down cleanly");
         }
         self.store.pool().close();
+        self.checker.pool().close();
     }
 }
 
@@ -305,7 +333,7 @@ pub fn url_via(url: &str, addr: SocketAddr) -> String {
 /// A fresh migrated database; the pool used to migrate is closed.
 pub async fn migrated_db() -> TestDb {
     let db = TestDb::create().await;
-    let pool = store::connect_pool(&db.args()).expect("building the pool");
+    let pool = store::connect_pool(&db.direct_args()).expect("building the pool");
     store::migrate::run(&pool).await.expect("migrating");
     pool.close();
     db
