@@ -39,7 +39,9 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 cat >"$dir/pgbouncer.ini" <<INI
 [databases]
-* = host=$pg_host port=$pg_port
+; Every database of the server, with the service's statement_timeout set on
+; each server connection PgBouncer opens (see ignore_startup_parameters).
+* = host=$pg_host port=$pg_port connect_query='SET statement_timeout = 5000'
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -68,6 +70,9 @@ done
 pg_log "PgBouncer (transaction pooling) at 127.0.0.1:$port in front of $pg_host:$pg_port"
 
 export USAGE_TEST_POOLER_ADDR=127.0.0.1:$port
+# PgBouncer before 1.21 cannot keep prepared statements in transaction mode.
+export USAGE_DB_UNNAMED_STATEMENTS=${USAGE_DB_UNNAMED_STATEMENTS:-true}
+pg_log "USAGE_DB_UNNAMED_STATEMENTS=$USAGE_DB_UNNAMED_STATEMENTS"
 log=$(mktemp)
 status=0
 cargo test "${@:---all-targets}" 2>&1 | tee "$log" || status=$?

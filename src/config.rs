@@ -74,6 +74,13 @@ pub struct DatabaseArgs {
     /// PostgreSQL `statement_timeout` for every statement the service sends.
     #[arg(long, env = "USAGE_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_statement_timeout: Duration,
+
+    /// Send every statement unnamed, parsed and executed in one round trip,
+    /// instead of preparing it once per connection: required behind a pooler
+    /// in transaction mode that does not keep prepared statements (PgBouncer
+    /// before 1.21, or without `max_prepared_statements`).
+    #[arg(long, env = "USAGE_DB_UNNAMED_STATEMENTS")]
+    pub db_unnamed_statements: bool,
 }
 
 /// Everything `serve` needs.
@@ -128,6 +135,7 @@ impl Default for DatabaseArgs {
             db_connect_timeout: Duration::from_secs(3),
             db_recycle_timeout: Duration::from_secs(2),
             db_statement_timeout: Duration::from_secs(5),
+            db_unnamed_statements: false,
         }
     }
 }

@@ -49,7 +49,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = ServerOptions {
         health_interval: args.health_interval,
     };
-    usage_service::run(listener, Store::new(pool), options, shutdown_signal()).await
+    let store = Store::new(pool).with_statement_mode(store::statement_mode(&args.database));
+    usage_service::run(listener, store, options, shutdown_signal()).await
 }
 
 async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
@@ -64,7 +65,8 @@ async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
 /// is one, so that scripts can act on the exit status.
 async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     info!(database = %args.database.redacted_url(), "checking consistency");
-    let store = Store::new(store::connect_pool(&args.database)?);
+    let store = Store::new(store::connect_pool(&args.database)?)
+        .with_statement_mode(store::statement_mode(&args.database));
     let options = CheckOptions {
         idle_in_transaction_after: args.idle_in_transaction_after,
     };

@@ -11,6 +11,8 @@
 
 use std::{fmt, time::Duration};
 
+use tokio_postgres::types::Type;
+
 use super::{sql, Discrepancy, Store, StoreError};
 use crate::usage::history::{History, HistoryViolation, Observed};
 
@@ -111,7 +113,7 @@ impl Store {
             .collect();
         let client = self.pool().get().await?;
 
-        for row in client.query(sql::CHECK_PRODUCTS, &[]).await? {
+        for row in self.query(&client, sql::CHECK_PRODUCTS, &[]).await? {
             violations.push(Violation::Product(ProductDiscrepancy {
                 user_id: row.try_get("user_id")?,
                 feature: row.try_get("feature_name")?,
@@ -123,7 +125,7 @@ impl Store {
             }));
         }
 
-        for row in client.query(sql::CHECK_LIMITS, &[]).await? {
+        for row in self.query(&client, sql::CHECK_LIMITS, &[]).await? {
             violations.push(Violation::Limit(LimitBreach {
                 user_id: row.try_get("user_id")?,
                 feature: row.try_get("feature_name")?,
@@ -136,7 +138,10 @@ impl Store {
         }
 
         let idle_after = options.idle_in_transaction_after.as_secs_f64();
-        for row in client.query(sql::CHECK_IDLE, &[&idle_after]).await? {
+        for row in self
+            .query(&client, sql::CHECK_IDLE, &[(&idle_after, Type::FLOAT8)])
+            .await?
+        {
             violations.push(Violation::IdleInTransaction(IdleTransaction {
                 pid: row.try_get("pid")?,
                 application_name: row.try_get("application_name")?,
@@ -152,12 +157,18 @@ impl Store {
     pub async fn observe(&self, feature: &str) -> Result<Observed, StoreError> {
         let client = self.pool().get().await?;
         let mut observed = Observed::default();
-        for row in client.query(sql::HELD_SLOTS, &[&feature]).await? {
+        for row in self
+            .query(&client, sql::HELD_SLOTS, &[(&feature, Type::TEXT)])
+            .await?
+        {
             observed
                 .slots
                 .insert((row.try_get("user_id")?, row.try_get("product_id")?));
         }
-        for row in client.query(sql::USAGE_BY_USER, &[&feature]).await? {
+        for row in self
+            .query(&client, sql::USAGE_BY_USER, &[(&feature, Type::TEXT)])
+            .await?
+        {
             observed
                 .usage
                 .insert(row.try_get("user_id")?, row.try_get("current_usage")?);

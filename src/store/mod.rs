@@ -10,13 +10,15 @@ mod check;
 mod error;
 pub mod migrate;
 mod pool;
+mod statements;
 
 use deadpool_postgres::Pool;
-use tokio_postgres::Row;
+use tokio_postgres::{types::Type, Row};
 
 pub use check::{CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, Violation};
 pub use error::StoreError;
-pub use pool::connect_pool;
+pub use pool::{connect_pool, statement_mode};
+pub use statements::StatementMode;
 
 use crate::usage::{Caller, ReleaseOutcome, ReserveAction, ReserveOutcome, Usage};
 
@@ -65,6 +67,7 @@ pub struct Discrepancy {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    statements: StatementMode,
 }
 
 /// One page of [`Store::list_all`].
@@ -79,7 +82,38 @@ pub struct UsagePage {
 impl Store {
     /// A store over `pool`.
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            statements: StatementMode::default(),
+        }
+    }
+
+    /// The same store, sending its statements in `mode`.
+    pub fn with_statement_mode(self, mode: StatementMode) -> Self {
+        Self {
+            statements: mode,
+            ..self
+        }
+    }
+
+    /// Runs one of the statements of [`sql`] in the store's mode.
+    async fn query(
+        &self,
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        statements::query(client, self.statements, sql, params).await
+    }
+
+    /// Like [`Store::query`], for a statement returning exactly one row.
+    async fn query_one(
+        &self,
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Row, StoreError> {
+        statements::query_one(client, self.statements, sql, params).await
     }
 
     /// The pool, for health checks and background jobs.
@@ -97,17 +131,17 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::RESERVE).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::RESERVE,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_id,
-                    &action.as_audit_action(),
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_id, Type::TEXT),
+                    (&action.as_audit_action(), Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -132,16 +166,16 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::RELEASE).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::RELEASE,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_id,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_id, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -160,10 +194,15 @@ impl Store {
     /// feature's default tier.
     pub async fn get(&self, user_id: &str, feature: &str) -> Result<Usage, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::GET).await?;
-        let row = client
-            .query_opt(&statement, &[&user_id, &feature])
+        let row = self
+            .query(
+                &client,
+                sql::GET,
+                &[(&user_id, Type::TEXT), (&feature, Type::TEXT)],
+            )
             .await?
+            .into_iter()
+            .next()
             .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
         usage_from_row(user_id, feature, &row)
     }
@@ -177,14 +216,24 @@ impl Store {
         limit: i64,
     ) -> Result<UsagePage, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::LIST_ALL).await?;
-        let rows = client
-            .query(&statement, &[&feature, &tier, &after, &limit])
+        let rows = self
+            .query(
+                &client,
+                sql::LIST_ALL,
+                &[
+                    (&feature, Type::TEXT),
+                    (&tier, Type::TEXT),
+                    (&after, Type::TEXT),
+                    (&limit, Type::INT8),
+                ],
+            )
             .await?;
 
         if rows.is_empty() {
-            let exists = client.prepare_cached(sql::FEATURE_EXISTS).await?;
-            let known: bool = client.query_one(&exists, &[&feature]).await?.try_get(0)?;
+            let known: bool = self
+                .query_one(&client, sql::FEATURE_EXISTS, &[(&feature, Type::TEXT)])
+                .await?
+                .try_get(0)?;
             if !known {
                 return Err(StoreError::UnknownFeature(feature.to_owned()));
             }
@@ -214,7 +263,7 @@ impl Store {
     /// operators, not for the hot path.
     pub async fn check_invariants(&self) -> Result<Vec<Discrepancy>, StoreError> {
         let client = self.pool.get().await?;
-        let rows = client.query(sql::CHECK, &[]).await?;
+        let rows = self.query(&client, sql::CHECK, &[]).await?;
         rows.iter()
             .map(|row| {
                 Ok(Discrepancy {

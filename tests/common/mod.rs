@@ -95,6 +95,8 @@ impl TestDb {
         DatabaseArgs {
             database_url: self.service_url(),
             db_pool_size: 16,
+            db_unnamed_statements: std::env::var("USAGE_DB_UNNAMED_STATEMENTS")
+                .is_ok_and(|v| v == "true"),
             ..DatabaseArgs::default()
         }
     }
@@ -156,7 +158,7 @@ impl TestServer {
     #[allow(clippy::field_reassign_with_default)]
     pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
-        let store = Store::new(pool);
+        let store = Store::new(pool).with_statement_mode(store::statement_mode(&args));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");

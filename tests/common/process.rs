@@ -112,6 +112,13 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "log of the server at {}:\n{}",
+                self.addr,
+                self.log().join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
