@@ -432,7 +432,7 @@ async fn slow_database_honours_deadlines_and_recovers() {
             call.message
         );
         assert!(
-            elapsed < deadline + Duration::from_millis(400),
+            elapsed < deadline + Duration::from_secs(1),
             "answered after {elapsed:?}"
         );
     }

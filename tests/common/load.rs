@@ -293,8 +293,8 @@ impl Worker {
             }
         };
         // The server enforces the deadline it was sent; the client's own
-        // timer, a little later, covers a server that cannot answer at all.
-        let outcome = tokio::time::timeout(deadline + Duration::from_millis(500), answer).await;
+        // timer, 2 s later, covers a server that cannot answer at all.
+        let outcome = tokio::time::timeout(deadline + Duration::from_secs(2), answer).await;
         let (code, message) = match outcome {
             Ok(Ok(())) => (None, String::new()),
             Ok(Err(status)) => (Some(status.code()), status.message().to_owned()),
