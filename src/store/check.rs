@@ -3,7 +3,8 @@
 //!
 //! * counter = ledger = sum of audit deltas, per user and feature;
 //! * each product's audit rows alternate +1/-1 and agree with the ledger, so
-//!   no product is counted twice;
+//!   no product is counted twice (products repaired by a backfill or a
+//!   reconciliation excepted);
 //! * no user's usage rose past the limit in force (a user above it after a
 //!   downgrade is allowed, as long as it did not grow there);
 //! * no session of the database sits `idle in transaction`;
