@@ -192,6 +192,8 @@ async fn soak_mixed_load_with_restarts() {
         );
     }
 
+    // The rest of the soak's time, under load without a restart.
+    tokio::time::sleep(total.saturating_sub(started.elapsed())).await;
     let report = load.finish().await;
     println!(
         "soak: {:?}, {restarts} restarts, slowest recovery {slowest:?}; {}",
