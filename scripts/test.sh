@@ -9,6 +9,8 @@ source scripts/lib/postgres.sh
 
 ensure_postgres "${USAGE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export USAGE_TEST_DATABASE_URL=$PG_URL
+# The restart tests start clusters of their own: they need initdb and pg_ctl.
+export USAGE_TEST_PG_BINDIR=${USAGE_TEST_PG_BINDIR:-$(pg_bindir)}
 
 # Each test creates its own database named usage_test_<pid>_...; drop those
 # left behind by test processes that no longer run (a panicking test cannot

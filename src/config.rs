@@ -26,6 +26,22 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending migrations and exit.
     Migrate(DatabaseArgs),
+    /// Check the data for lost or double-counted slots, limits exceeded and
+    /// sessions left idle in a transaction; print each violation and exit
+    /// non-zero when there is one.
+    Check(CheckArgs),
+}
+
+/// Everything `check` needs.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Report a session as left `idle in transaction` once it has been so for
+    /// this long.
+    #[arg(long, env = "USAGE_CHECK_IDLE_IN_TRANSACTION_AFTER", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub idle_in_transaction_after: Duration,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// How to reach PostgreSQL and how many connections to keep.
@@ -58,6 +74,13 @@ pub struct DatabaseArgs {
     /// PostgreSQL `statement_timeout` for every statement the service sends.
     #[arg(long, env = "USAGE_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_statement_timeout: Duration,
+
+    /// Send every statement unnamed, parsed and executed in one round trip,
+    /// instead of preparing it once per connection: required behind a pooler
+    /// in transaction mode that does not keep prepared statements (PgBouncer
+    /// before 1.21, or without `max_prepared_statements`).
+    #[arg(long, env = "USAGE_DB_UNNAMED_STATEMENTS")]
+    pub db_unnamed_statements: bool,
 }
 
 /// Everything `serve` needs.
@@ -116,6 +139,7 @@ impl Default for DatabaseArgs {
             db_connect_timeout: Duration::from_secs(3),
             db_recycle_timeout: Duration::from_secs(2),
             db_statement_timeout: Duration::from_secs(5),
+            db_unnamed_statements: false,
         }
     }
 }

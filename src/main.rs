@@ -6,8 +6,8 @@ use clap::Parser as _;
 use tokio::net::TcpListener;
 use tracing::info;
 use usage_service::{
-    config::{available_cpus, Cli, Command, DatabaseArgs, LogFormat, ServeArgs},
-    store::{self, Store},
+    config::{available_cpus, CheckArgs, Cli, Command, DatabaseArgs, LogFormat, ServeArgs},
+    store::{self, CheckOptions, Store},
     telemetry, ServerOptions,
 };
 
@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
 
     let (log_format, worker_threads) = match &command {
         Command::Serve(args) => (args.log_format, args.worker_threads),
-        Command::Migrate(_) => (LogFormat::Text, None),
+        Command::Migrate(_) | Command::Check(_) => (LogFormat::Text, None),
     };
     telemetry::init(log_format);
 
@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         match command {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(&args).await.map(drop),
+            Command::Check(args) => check(&args).await,
         }
     })
 }
@@ -49,7 +50,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_interval: args.health_interval,
         hold_sweep_interval: args.hold_sweep_interval,
     };
-    usage_service::run(listener, Store::new(pool), options, shutdown_signal()).await
+    let store = Store::new(pool).with_statement_mode(store::statement_mode(&args.database));
+    usage_service::run(listener, store, options, shutdown_signal()).await
 }
 
 async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
@@ -58,6 +60,29 @@ async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
     let applied = store::migrate::run(&pool).await?;
     info!(applied, "migrations up to date");
     Ok(applied)
+}
+
+/// Prints every violation found on stdout, one a line, and fails when there
+/// is one, so that scripts can act on the exit status.
+async fn check(args: &CheckArgs) -> anyhow::Result<()> {
+    info!(database = %args.database.redacted_url(), "checking consistency");
+    let store = Store::new(store::connect_pool(&args.database)?)
+        .with_statement_mode(store::statement_mode(&args.database));
+    let options = CheckOptions {
+        idle_in_transaction_after: args.idle_in_transaction_after,
+    };
+    let violations = store
+        .check(&options)
+        .await
+        .context("reading the data to check")?;
+    for violation in &violations {
+        println!("{violation}");
+    }
+    if !violations.is_empty() {
+        anyhow::bail!("{} violation(s) found", violations.len());
+    }
+    println!("ok: counters, ledger and audit trail agree; no limit exceeded; no idle transaction");
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

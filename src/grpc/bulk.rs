@@ -63,7 +63,7 @@ impl UsageApi {
 
         let (allowed, usage) = self
             .store()
-            .check(user_id, &feature, quantity)
+            .check_quota(user_id, &feature, quantity)
             .await
             .map_err(status::from_store)?;
         Ok(Response::new(proto::CheckResponse {

@@ -20,8 +20,9 @@ pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
 
-    /// A statement failed for a reason retrying will not fix.
-    #[error("database error: {0}")]
+    /// A statement failed for a reason retrying will not fix. Its message
+    /// carries PostgreSQL's own (tokio-postgres only says "db error").
+    #[error("database error: {}{}", .0, server_message(.0))]
     Database(#[source] tokio_postgres::Error),
 
     /// A stored function answered with an outcome this code does not know:
@@ -54,6 +55,14 @@ impl From<tokio_postgres::Error> for StoreError {
             Self::Database(err)
         }
     }
+}
+
+/// `: <message> (SQLSTATE <code>)` for an error PostgreSQL reported, empty
+/// otherwise.
+fn server_message(err: &tokio_postgres::Error) -> String {
+    err.as_db_error().map_or_else(String::new, |db| {
+        format!(": {} (SQLSTATE {})", db.message(), db.code().code())
+    })
 }
 
 /// Connection failures and the errors PostgreSQL raises when it goes away, is

@@ -71,7 +71,7 @@ pub struct EventFilter {
 impl Store {
     /// Whether `quantity` slots could be reserved now, and the usage. Reads
     /// only; expired holds count as free.
-    pub async fn check(
+    pub async fn check_quota(
         &self,
         user_id: &str,
         feature: &str,

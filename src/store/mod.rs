@@ -7,18 +7,22 @@
 //! client never leaves a transaction open or a change half-applied.
 
 mod admin;
+mod check;
 mod error;
 pub mod holds;
 pub mod migrate;
 mod pool;
+mod statements;
 
 use deadpool_postgres::Pool;
-use tokio_postgres::Row;
+use tokio_postgres::{types::Type, Row};
 
 pub use admin::{EventPage, UsagePage};
+pub use check::{CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, Violation};
 pub use error::StoreError;
 pub use holds::{EventFilter, StoredEvent};
-pub use pool::connect_pool;
+pub use pool::{connect_pool, statement_mode};
+pub use statements::StatementMode;
 
 use crate::usage::{Caller, ReleaseOutcome, ReserveAction, ReserveOutcome, Usage};
 
@@ -54,6 +58,16 @@ pub mod sql {
     pub const LIST_EVENTS_USER: &str = include_str!("sql/list_events_user.sql");
     /// See `sql/list_events.sql`.
     pub const LIST_EVENTS: &str = include_str!("sql/list_events.sql");
+    /// See `sql/check_products.sql`.
+    pub const CHECK_PRODUCTS: &str = include_str!("sql/check_products.sql");
+    /// See `sql/check_limits.sql`.
+    pub const CHECK_LIMITS: &str = include_str!("sql/check_limits.sql");
+    /// See `sql/check_idle.sql`.
+    pub const CHECK_IDLE: &str = include_str!("sql/check_idle.sql");
+    /// See `sql/held_slots.sql`.
+    pub const HELD_SLOTS: &str = include_str!("sql/held_slots.sql");
+    /// See `sql/usage_by_user.sql`.
+    pub const USAGE_BY_USER: &str = include_str!("sql/usage_by_user.sql");
 }
 
 /// A user whose counter disagrees with its ledger or its audit trail.
@@ -75,12 +89,44 @@ pub struct Discrepancy {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    statements: StatementMode,
 }
 
 impl Store {
     /// A store over `pool`.
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            statements: StatementMode::default(),
+        }
+    }
+
+    /// The same store, sending its statements in `mode`.
+    pub fn with_statement_mode(self, mode: StatementMode) -> Self {
+        Self {
+            statements: mode,
+            ..self
+        }
+    }
+
+    /// Runs one of the statements of [`sql`] in the store's mode.
+    pub(crate) async fn query(
+        &self,
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        statements::query(client, self.statements, sql, params).await
+    }
+
+    /// Like [`Store::query`], for a statement returning exactly one row.
+    pub(crate) async fn query_one(
+        &self,
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Row, StoreError> {
+        statements::query_one(client, self.statements, sql, params).await
     }
 
     /// The pool, for health checks and background jobs.
@@ -102,18 +148,18 @@ impl Store {
     ) -> Result<ReserveOutcome, StoreError> {
         let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::RESERVE).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::RESERVE,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_id,
-                    &action.as_audit_action(),
-                    &caller.actor,
-                    &caller.request_id,
-                    &hold_secs,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_id, Type::TEXT),
+                    (&action.as_audit_action(), Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
+                    (&hold_secs, Type::FLOAT8),
                 ],
             )
             .await?;
@@ -138,16 +184,16 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::RELEASE).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::RELEASE,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_id,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_id, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -166,10 +212,15 @@ impl Store {
     /// feature's default tier.
     pub async fn get(&self, user_id: &str, feature: &str) -> Result<Usage, StoreError> {
         let client = self.pool.get().await?;
-        let statement = client.prepare_cached(sql::GET).await?;
-        let row = client
-            .query_opt(&statement, &[&user_id, &feature])
+        let row = self
+            .query(
+                &client,
+                sql::GET,
+                &[(&user_id, Type::TEXT), (&feature, Type::TEXT)],
+            )
             .await?
+            .into_iter()
+            .next()
             .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
         usage_from_row(user_id, feature, &row)
     }
@@ -181,7 +232,7 @@ impl Store {
     /// operators, not for the hot path.
     pub async fn check_invariants(&self) -> Result<Vec<Discrepancy>, StoreError> {
         let client = self.pool.get().await?;
-        let rows = client.query(sql::CHECK, &[]).await?;
+        let rows = self.query(&client, sql::CHECK, &[]).await?;
         rows.iter()
             .map(|row| {
                 Ok(Discrepancy {

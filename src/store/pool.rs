@@ -5,6 +5,15 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseArgs;
 
+/// How the configuration asks statements to be sent.
+pub fn statement_mode(args: &DatabaseArgs) -> super::StatementMode {
+    if args.db_unnamed_statements {
+        super::StatementMode::Unnamed
+    } else {
+        super::StatementMode::Prepared
+    }
+}
+
 /// Builds a pool from the configuration. Connections open lazily, so this
 /// succeeds even while the database is down; every wait has a bound, so an
 /// exhausted pool or an absent database fails a call quickly instead of

@@ -6,6 +6,8 @@
 
 pub mod admin;
 
+pub mod history;
+
 use std::fmt;
 
 pub mod feed;

@@ -7,6 +7,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+pub mod load;
+pub mod process;
 pub mod proxy;
 
 use std::{
@@ -21,7 +24,8 @@ use tonic::transport::Channel;
 use usage_service::{
     config::DatabaseArgs,
     proto::usage_service_client::UsageServiceClient,
-    store::{self, Discrepancy, Store},
+    store::{self, CheckOptions, Discrepancy, Store},
+    usage::history::History,
     ServerOptions,
 };
 
@@ -84,16 +88,41 @@ impl TestDb {
             .expect("dropping the test database");
     }
 
-    /// Pool settings for this database. Waits are generous: tests pile
-    /// hundreds of calls onto one user's row lock on a shared, busy machine,
-    /// and check correctness, not speed.
+    /// Pool settings for the service on this database: through the
+    /// connection pooler at `USAGE_TEST_POOLER_ADDR` (host:port, e.g. a
+    /// PgBouncer) when set, directly otherwise. Waits are generous: tests
+    /// pile hundreds of calls onto one user's row lock on a shared, busy
+    /// machine, and check correctness, not speed.
     pub fn args(&self) -> DatabaseArgs {
         DatabaseArgs {
-            database_url: self.url.clone(),
+            database_url: self.service_url(),
             db_pool_size: 16,
             db_pool_wait_timeout: Duration::from_secs(30),
             db_statement_timeout: Duration::from_secs(30),
+            db_unnamed_statements: std::env::var("USAGE_DB_UNNAMED_STATEMENTS")
+                .is_ok_and(|v| v == "true"),
             ..DatabaseArgs::default()
+        }
+    }
+
+    /// Pool settings that always reach PostgreSQL directly: for migrations
+    /// (a session-level advisory lock) and for the checks.
+    pub fn direct_args(&self) -> DatabaseArgs {
+        DatabaseArgs {
+            database_url: self.url.clone(),
+            db_pool_size: 2,
+            ..DatabaseArgs::default()
+        }
+    }
+
+    /// The URL the service uses: through the pooler when one is configured.
+    pub fn service_url(&self) -> String {
+        match std::env::var("USAGE_TEST_POOLER_ADDR") {
+            Ok(addr) if !addr.is_empty() => url_via(
+                &self.url,
+                addr.parse().expect("USAGE_TEST_POOLER_ADDR is host:port"),
+            ),
+            _ => self.url.clone(),
         }
     }
 }
@@ -111,7 +140,10 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub db: TestDb,
+    /// The store the server uses.
     pub store: Store,
+    /// A store connected directly to PostgreSQL, for the checks.
+    pub checker: Store,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -119,10 +151,8 @@ pub struct TestServer {
 impl TestServer {
     /// A migrated fresh database and a server on it.
     pub async fn start() -> Self {
-        let db = TestDb::create().await;
+        let db = migrated_db().await;
         let args = db.args();
-        let pool = store::connect_pool(&args).expect("building the pool");
-        store::migrate::run(&pool).await.expect("migrating");
         Self::start_with(db, args).await
     }
 
@@ -150,7 +180,7 @@ impl TestServer {
         configure: impl FnOnce(&mut ServerOptions),
     ) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
-        let store = Store::new(pool);
+        let store = Store::new(pool).with_statement_mode(store::statement_mode(&args));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");
@@ -167,10 +197,13 @@ impl TestServer {
                 rx.await.ok();
             },
         ));
+        let checker =
+            Store::new(store::connect_pool(&db.direct_args()).expect("building the pool"));
         let server = Self {
             addr,
             db,
             store,
+            checker,
             shutdown: Some(tx),
             task: Some(task),
         };
@@ -210,7 +243,7 @@ impl TestServer {
     /// Asserts that counters, ledger and audit trail agree for every user.
     pub async fn assert_invariants(&self) {
         let discrepancies: Vec<Discrepancy> = self
-            .store
+            .checker
             .check_invariants()
             .await
             .expect("reading the invariants");
@@ -218,6 +251,11 @@ impl TestServer {
             discrepancies.is_empty(),
             "invariant broken: {discrepancies:#?}"
         );
+    }
+
+    /// Runs every consistency check (see [`assert_checks`]).
+    pub async fn assert_checks(&self, history: Option<&History>) {
+        assert_checks(&self.checker, history).await;
     }
 
     /// Shuts the server down gracefully and drops its database.
@@ -237,6 +275,7 @@ impl TestServer {
                 .expect("the server shuts down cleanly");
         }
         self.store.pool().close();
+        self.checker.pool().close();
     }
 }
 
@@ -273,4 +312,54 @@ where
 /// Counts rows with a query returning one bigint.
 pub async fn count(sql: &tokio_postgres::Client, query: &str) -> i64 {
     sql.query_one(query, &[]).await.expect(query).get(0)
+}
+
+/// The checks every fault test ends with, from the library (the same code as
+/// `usage-service check`): counter = ledger = audit sum for every user, no
+/// product counted twice, no usage grown past a limit, no session left idle
+/// in a transaction, and, given a client's `history`, no acknowledged slot
+/// lost, none stray, every user's usage within the bounds the answers allow.
+pub async fn assert_checks(store: &Store, history: Option<&History>) {
+    let options = CheckOptions {
+        idle_in_transaction_after: Duration::ZERO,
+    };
+    let mut violations = store.check(&options).await.expect("running the checks");
+    if let Some(history) = history {
+        let feature = usage_service::usage::DEFAULT_FEATURE;
+        violations.extend(
+            store
+                .check_history(feature, history)
+                .await
+                .expect("reading the ledger"),
+        );
+    }
+    let lines: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    assert!(lines.is_empty(), "checks failed:\n{}", lines.join("\n"));
+}
+
+/// The address of the PostgreSQL server the tests use.
+pub fn postgres_addr() -> SocketAddr {
+    let config: tokio_postgres::Config = admin_url().parse().expect("a valid test URL");
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) if host != "localhost" => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}").parse().expect("a host and port")
+}
+
+/// `url` with its host and port replaced by `addr` (to go through a proxy).
+pub fn url_via(url: &str, addr: SocketAddr) -> String {
+    let (server, db) = url.rsplit_once('/').expect("a URL ending in /db");
+    let (scheme_user, _) = server.rsplit_once('@').expect("a URL with user@host");
+    format!("{scheme_user}@{addr}/{db}")
+}
+
+/// A fresh migrated database; the pool used to migrate is closed.
+pub async fn migrated_db() -> TestDb {
+    let db = TestDb::create().await;
+    let pool = store::connect_pool(&db.direct_args()).expect("building the pool");
+    store::migrate::run(&pool).await.expect("migrating");
+    pool.close();
+    db
 }
