@@ -1,12 +1,15 @@
 //! The `usage-service` binary: parse the command line, start logging, build
 //! the pool, migrate, then hand over to [`usage_service::run`].
 
+use std::sync::Arc;
+
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::net::TcpListener;
 use tracing::info;
 use usage_service::{
-    config::{available_cpus, Cli, Command, DatabaseArgs, LogFormat, ServeArgs},
+    auth,
+    config::{available_cpus, Cli, Command, DatabaseArgs, LogFormat, ServeArgs, TokenArgs},
     store::{self, Store},
     telemetry, ServerOptions,
 };
@@ -18,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     let (log_format, worker_threads) = match &command {
         Command::Serve(args) => (args.log_format, args.worker_threads),
         Command::Migrate(_) => (LogFormat::Text, None),
+        Command::Token(args) => return print_token(args),
     };
     telemetry::init(log_format);
 
@@ -30,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         match command {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(&args).await.map(drop),
+            Command::Token(_) => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -47,6 +52,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen_addr))?;
     let options = ServerOptions {
         health_interval: args.health_interval,
+        auth: args.auth.verifier()?.map(Arc::new),
+        reflection_requires_token: args.auth.auth_reflection_requires_token,
+        tls: args.tls.options()?,
+        max_message_bytes: args.limits.max_message_bytes,
+        max_concurrent_requests: args.limits.max_concurrent_requests,
+        max_concurrent_requests_per_connection: args.limits.max_concurrent_requests_per_connection,
     };
     usage_service::run(listener, Store::new(pool), options, shutdown_signal()).await
 }
@@ -57,6 +68,23 @@ async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
     let applied = store::migrate::run(&pool).await?;
     info!(applied, "migrations up to date");
     Ok(applied)
+}
+
+/// Prints a token signed with the configured secret, for trying the API.
+fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
+    let token = auth::mint_hs256(
+        args.auth_jwt_secret.0.as_bytes(),
+        &auth::TokenRequest {
+            subject: &args.sub,
+            role: args.role,
+            ttl: args.ttl,
+            issuer: args.auth_jwt_issuer.as_deref(),
+            audience: args.auth_jwt_audience.as_deref(),
+        },
+    )
+    .context("signing the token")?;
+    println!("{token}");
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -7,3 +7,7 @@ pub mod status;
 mod validate;
 
 pub use service::{UsageApi, MAX_PAGE_SIZE};
+
+pub mod gate;
+pub mod policy;
+pub mod tls;

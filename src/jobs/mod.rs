@@ -1,3 +1,4 @@
 //! Background work that runs beside the gRPC server.
 
 pub mod health;
+pub mod unauthenticated;
