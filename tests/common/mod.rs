@@ -7,6 +7,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod auth;
 pub mod proxy;
 
 use std::{
@@ -123,6 +124,7 @@ impl TestServer {
     }
 
     /// A server on an existing, migrated database, with the given settings.
+    #[allow(clippy::field_reassign_with_default)] // options grow field by field
     pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
         let store = Store::new(pool);
