@@ -40,6 +40,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Configuration mistakes (a missing key, an unreadable certificate) stop
+    // start-up before anything touches the database.
+    let verifier = args.auth.verifier()?.map(Arc::new);
+    let tls = args.tls.options()?;
+
     let pool = store::connect_pool(&args.database)?;
     if args.no_migrate {
         info!("skipping migrations (--no-migrate)");
@@ -52,9 +57,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen_addr))?;
     let options = ServerOptions {
         health_interval: args.health_interval,
-        auth: args.auth.verifier()?.map(Arc::new),
+        auth: verifier,
         reflection_requires_token: args.auth.auth_reflection_requires_token,
-        tls: args.tls.options()?,
+        tls,
         max_message_bytes: args.limits.max_message_bytes,
         max_concurrent_requests: args.limits.max_concurrent_requests,
         max_concurrent_requests_per_connection: args.limits.max_concurrent_requests_per_connection,
