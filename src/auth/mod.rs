@@ -6,7 +6,7 @@
 //! a header naming any other algorithm (including `none`) is refused, which
 //! rules out algorithm confusion, such as an HMAC token keyed with a public RSA
 //! key. Every token must carry `exp`, `sub` and `role`; `iss` and `aud` are
-//! required and checked when configured.
+//! required and checked when configured; `nbf`, when present, is honoured.
 //!
 //! Nothing here knows about gRPC: the transport turns [`AuthError`] into
 //! statuses and decides what each [`Role`] may call.
@@ -174,6 +174,7 @@ impl Verifier {
 
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
