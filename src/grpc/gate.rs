@@ -49,7 +49,8 @@ pub fn authenticated() -> Option<Identity> {
 /// Length of the gRPC frame header before each message.
 const FRAME_HEADER_BYTES: usize = 5;
 
-/// Methods whose requests are single messages, read whole by the gate.
+/// Methods whose requests are single messages, read whole by the gate. Every
+/// RPC of `usage.v1` is unary; a streaming one would need its own limit.
 const UNARY_PREFIX: &str = "/usage.v1.";
 
 /// What the gate enforces.
@@ -109,7 +110,7 @@ pub struct Gate<S> {
 struct Admitted {
     request: http::Request<Body>,
     identity: Option<Identity>,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<S> Service<http::Request<Body>> for Gate<S>
@@ -132,17 +133,21 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let admitted = match shared.admit(request).await {
+            let Admitted {
+                request,
+                identity,
+                permit,
+            } = match shared.admit(request).await {
                 Ok(admitted) => admitted,
                 Err(status) => return Ok(status.into_http()),
             };
-            let call = inner.call(admitted.request);
-            // The permit lives until the response is ready.
-            let response = match admitted.identity {
+            let call = inner.call(request);
+            let response = match identity {
                 Some(identity) => CALLER.scope(identity, call).await,
                 None => call.await,
             };
-            drop(admitted._permit);
+            // The call counted as in flight until its response was ready.
+            drop(permit);
             response
         })
     }
@@ -156,7 +161,7 @@ impl Shared {
             return Ok(Admitted {
                 request,
                 identity: None,
-                _permit: None,
+                permit: None,
             });
         }
 
@@ -188,7 +193,7 @@ impl Shared {
         Ok(Admitted {
             request,
             identity,
-            _permit: Some(permit),
+            permit: Some(permit),
         })
     }
 
