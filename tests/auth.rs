@@ -460,3 +460,69 @@ async fn without_authentication_calls_need_no_token() {
         .await
         .expect("the server stops promptly with the warning job running");
 }
+
+/// `usage-service token` mints a token, signed with the configured secret
+/// and carrying the configured issuer and audience, that the server accepts
+/// for the role it names.
+#[tokio::test]
+async fn token_command_mints_a_token_the_server_accepts() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_usage-service"))
+        .args([
+            "token",
+            "--role",
+            "service",
+            "--sub",
+            "catalogue",
+            "--ttl",
+            "5m",
+        ])
+        .env(
+            "USAGE_AUTH_JWT_SECRET",
+            std::str::from_utf8(SECRET).unwrap(),
+        )
+        .env("USAGE_AUTH_JWT_ISSUER", common::auth::ISSUER)
+        .env("USAGE_AUTH_JWT_AUDIENCE", common::auth::AUDIENCE)
+        .output()
+        .expect("running usage-service token");
+    assert!(output.status.success(), "{output:?}");
+    let minted = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+
+    let server = TestServer::start_with_options(hs256_options()).await;
+    let mut client = server.client().await;
+    let reserve = ReserveRequest {
+        user_id: "alice".into(),
+        product_id: "p1".into(),
+        ..Default::default()
+    };
+    client
+        .reserve(authed(reserve, Some(&minted)))
+        .await
+        .unwrap();
+    let list = client
+        .list_all(authed(ListAllRequest::default(), Some(&minted)))
+        .await
+        .unwrap_err();
+    assert_eq!(list.code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+/// The binary refuses to serve with authentication on and no key, saying
+/// how to fix it, before it touches the database.
+#[test]
+fn binary_refuses_to_start_without_a_key() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_usage-service"))
+        .args(["--listen-addr", "127.0.0.1:0"])
+        // Nothing listens there: reaching the database would fail differently.
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env_remove("USAGE_AUTH")
+        .env_remove("USAGE_AUTH_JWT_SECRET")
+        .env_remove("USAGE_AUTH_JWT_PUBLIC_KEY")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running usage-service");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no key is configured"), "{stderr}");
+    assert!(stderr.contains("--auth none"), "{stderr}");
+    assert!(!stderr.contains("applying migrations"), "{stderr}");
+}
