@@ -180,14 +180,11 @@ impl Verifier {
             validation.set_issuer(&[issuer]);
             required.push("iss");
         }
-        match audience {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
-                required.push("aud");
-            }
-            // A token naming an audience is meant for someone in particular;
-            // without a configured audience it is refused by the library.
-            None => validation.validate_aud = true,
+        // Without a configured audience, a token naming one is meant for
+        // another service, and the library refuses it (`validate_aud`).
+        if let Some(audience) = audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
         }
         validation.set_required_spec_claims(&required);
 
@@ -333,6 +330,31 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(other.verify(&token), Err(AuthError::Invalid(_))));
+    }
+
+    /// Without a configured audience, a token naming one is meant for another
+    /// service and is refused; without a configured issuer, any is accepted.
+    #[test]
+    fn audience_in_token_needs_a_configured_audience() {
+        let verifier = Verifier::new(
+            &VerifyingKey::Secret(SECRET.to_vec()),
+            Algorithm::HS256,
+            None,
+            None,
+        )
+        .unwrap();
+        let for_someone = mint_hs256(SECRET, &request(Role::Admin)).unwrap();
+        assert!(matches!(
+            verifier.verify(&for_someone),
+            Err(AuthError::Invalid(_))
+        ));
+
+        let for_anyone = TokenRequest {
+            audience: None,
+            ..request(Role::Admin)
+        };
+        let token = mint_hs256(SECRET, &for_anyone).unwrap();
+        assert_eq!(verifier.verify(&token).unwrap().role, Role::Admin);
     }
 
     /// Short secrets and keys of the wrong kind for the algorithm are refused
