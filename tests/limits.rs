@@ -16,6 +16,10 @@ use usage_service::{
     ServerOptions,
 };
 
+/// Sessions of the test's own database waiting for a lock.
+const LOCK_WAITERS: &str = "SELECT count(*) FROM pg_stat_activity
+                            WHERE wait_event_type = 'Lock' AND datname = current_database()";
+
 fn reserve(user: &str, product: &str) -> ReserveRequest {
     ReserveRequest {
         user_id: user.into(),
@@ -102,14 +106,7 @@ async fn calls_beyond_the_in_flight_bound_fail_fast_and_recover() {
         "two reserves to wait on the lock",
         || {
             let sql = &sql;
-            async move {
-                common::count(
-                    sql,
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )
-                .await
-                    == 2
-            }
+            async move { common::count(sql, LOCK_WAITERS).await == 2 }
         },
     )
     .await;
@@ -247,10 +244,9 @@ async fn one_connection_is_bounded_without_failing_calls() {
         .collect();
 
     let sql = server.sql().await;
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()";
     eventually(Duration::from_secs(10), "four reserves to wait", || {
         let sql = &sql;
-        async move { common::count(sql, waiting).await == 4 }
+        async move { common::count(sql, LOCK_WAITERS).await == 4 }
     })
     .await;
     let mut other = server.client().await;
@@ -261,7 +257,7 @@ async fn one_connection_is_bounded_without_failing_calls() {
         })
         .await
         .expect("another connection is served");
-    assert_eq!(common::count(&sql, waiting).await, 4);
+    assert_eq!(common::count(&sql, LOCK_WAITERS).await, 4);
 
     tx.rollback().await.unwrap();
     for call in calls {

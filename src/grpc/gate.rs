@@ -210,7 +210,9 @@ impl Shared {
             .await
             .map_err(|err| {
                 if err.downcast_ref::<LengthLimitError>().is_some() {
-                    info!(method = %parts.uri.path(), limit = self.max_message_bytes, "call refused: message too large");
+                    let method = parts.uri.path();
+                    let limit = self.max_message_bytes;
+                    info!(%method, limit, "call refused: message too large");
                     Status::resource_exhausted(format!(
                         "request message larger than {} bytes",
                         self.max_message_bytes
@@ -253,7 +255,8 @@ fn authorize(
         })?;
 
     if !access.allows(identity.role) {
-        info!(%method, subject = %identity.subject, role = %identity.role, "call refused: role not allowed");
+        let (subject, role) = (&identity.subject, identity.role);
+        info!(%method, %subject, %role, "call refused: role not allowed");
         return Err(Status::permission_denied(format!(
             "role {} may not call {method}",
             identity.role
