@@ -11,6 +11,18 @@ ensure_postgres "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export DATABASE_URL=$PG_URL
 
 cargo build --release --bin usage-service
+
+# Authentication is on by default. Without a configured key, make a secret
+# for this run only, and print it with an admin token to try the API.
+if [ "${USAGE_AUTH:-jwt}" != none ] && [ -z "${USAGE_AUTH_JWT_SECRET:-}" ] \
+    && [ -z "${USAGE_AUTH_JWT_PUBLIC_KEY:-}" ]; then
+    USAGE_AUTH_JWT_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
+    export USAGE_AUTH_JWT_SECRET
+    admin_token=$(target/release/usage-service token --role admin --sub developer --ttl 12h)
+    pg_log "development JWT secret for this run: $USAGE_AUTH_JWT_SECRET"
+    pg_log "admin token (12h): $admin_token"
+    pg_log "try: grpcurl -plaintext -H \"authorization: Bearer \$TOKEN\" -d '{\"user_id\":\"alice\"}' localhost:50051 usage.v1.UsageService/Get"
+fi
 exec_args=(serve "$@")
 # Not exec: the EXIT trap must stop a throwaway cluster after the service ends.
 target/release/usage-service "${exec_args[@]}"

@@ -1,9 +1,14 @@
 //! Command line and environment: every flag can also be set through the
 //! environment variable named in its help.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    auth::{Role, Verifier, VerifyingKey},
+    grpc::tls::TlsOptions,
+};
 
 /// Counts the product slots each user holds and enforces the limit of the
 /// user's tier, over gRPC.
@@ -21,11 +26,14 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start-up
 pub enum Command {
     /// Apply pending migrations (unless --no-migrate), then serve gRPC.
     Serve(ServeArgs),
     /// Apply pending migrations and exit.
     Migrate(DatabaseArgs),
+    /// Print a signed HS256 token for trying the API (e.g. with grpcurl).
+    Token(TokenArgs),
     /// Check the data for lost or double-counted slots, limits exceeded and
     /// sessions left idle in a transaction; print each violation and exit
     /// non-zero when there is one.
@@ -112,6 +120,15 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// How log lines are written.
@@ -175,6 +192,203 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Whether callers must present a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Bearer JWTs checked with the configured key.
+    Jwt,
+    /// Everyone is let in; a warning is logged at start-up and every hour.
+    None,
+}
+
+/// A secret given on the command line or in the environment; never shown by
+/// `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(pub String);
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for SecretString {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// `jwt` (callers present a bearer token) or `none` (everyone is let in).
+    #[arg(long = "auth", env = "USAGE_AUTH", default_value = "jwt")]
+    pub mode: AuthMode,
+
+    /// Shared secret for HS256 tokens, at least 32 bytes. Never logged.
+    #[arg(
+        long,
+        env = "USAGE_AUTH_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "auth_jwt_public_key"
+    )]
+    pub auth_jwt_secret: Option<SecretString>,
+
+    /// PEM public key file for RS256, ES256 or EdDSA tokens.
+    #[arg(long, env = "USAGE_AUTH_JWT_PUBLIC_KEY")]
+    pub auth_jwt_public_key: Option<PathBuf>,
+
+    /// The one algorithm tokens may be signed with: HS256 with a secret
+    /// (the default), RS256, ES256 or EdDSA with a public key.
+    #[arg(long, env = "USAGE_AUTH_JWT_ALGORITHM", value_parser = parse_algorithm)]
+    pub auth_jwt_algorithm: Option<jsonwebtoken::Algorithm>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "USAGE_AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "USAGE_AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Require a token for server reflection too (health stays open).
+    #[arg(long, env = "USAGE_AUTH_REFLECTION_REQUIRES_TOKEN")]
+    pub auth_reflection_requires_token: bool,
+}
+
+impl AuthArgs {
+    /// The token verifier, or `None` with `--auth none`. Fails when
+    /// authentication is on without a usable key.
+    pub fn verifier(&self) -> anyhow::Result<Option<Verifier>> {
+        use anyhow::{bail, Context as _};
+
+        if self.mode == AuthMode::None {
+            return Ok(None);
+        }
+        let (key, default_algorithm) = match (&self.auth_jwt_secret, &self.auth_jwt_public_key) {
+            (Some(secret), None) => (
+                VerifyingKey::Secret(secret.0.as_bytes().to_vec()),
+                Some(jsonwebtoken::Algorithm::HS256),
+            ),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading the JWT public key {}", path.display()))?;
+                (VerifyingKey::PublicKeyPem(pem), None)
+            }
+            (None, None) => bail!(
+                "authentication is on but no key is configured: set USAGE_AUTH_JWT_SECRET \
+                 or USAGE_AUTH_JWT_PUBLIC_KEY, or serve without authentication with --auth none"
+            ),
+            (Some(_), Some(_)) => bail!("give a JWT secret or a public key, not both"),
+        };
+        let Some(algorithm) = self.auth_jwt_algorithm.or(default_algorithm) else {
+            bail!("a JWT public key needs --auth-jwt-algorithm (RS256, ES256 or EdDSA)");
+        };
+        let verifier = Verifier::new(
+            &key,
+            algorithm,
+            self.auth_jwt_issuer.as_deref(),
+            self.auth_jwt_audience.as_deref(),
+        )
+        .context("configuring JWT verification")?;
+        Ok(Some(verifier))
+    }
+}
+
+fn parse_algorithm(value: &str) -> Result<jsonwebtoken::Algorithm, String> {
+    value
+        .parse()
+        .map_err(|_| format!("unknown JWT algorithm {value:?}"))
+}
+
+/// TLS for the gRPC server.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain; serves gRPC over TLS.
+    #[arg(long, env = "USAGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "USAGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificates of the authorities whose client certificates are
+    /// required (mutual TLS).
+    #[arg(long, env = "USAGE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS configuration read from the files, or `None` without
+    /// `--tls-cert`.
+    pub fn options(&self) -> anyhow::Result<Option<TlsOptions>> {
+        use anyhow::Context as _;
+
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(Some(TlsOptions {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: self.tls_client_ca.as_ref().map(read).transpose()?,
+        }))
+    }
+}
+
+/// Bounds on what calls may cost.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "USAGE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most calls in flight over the whole server; more fail with UNAVAILABLE.
+    #[arg(long, env = "USAGE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
+
+    /// Most calls in flight on one connection.
+    #[arg(
+        long,
+        env = "USAGE_MAX_CONCURRENT_REQUESTS_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    pub max_concurrent_requests_per_connection: usize,
+}
+
+/// What `token` signs.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The token's role.
+    #[arg(long, value_enum)]
+    pub role: Role,
+
+    /// The caller the token names: a user id for `user`, a service or person
+    /// otherwise.
+    #[arg(long)]
+    pub sub: String,
+
+    /// How long the token is valid, e.g. `1h`, `30m`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// The HS256 secret the server checks tokens with.
+    #[arg(long, env = "USAGE_AUTH_JWT_SECRET", hide_env_values = true)]
+    pub auth_jwt_secret: SecretString,
+
+    /// The `iss` claim, when the server requires one.
+    #[arg(long, env = "USAGE_AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// The `aud` claim, when the server requires one.
+    #[arg(long, env = "USAGE_AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +417,25 @@ mod tests {
         let cli = Cli::try_parse_from(["usage-service", "--listen-addr", "127.0.0.1:1"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.listen_addr.port(), 1);
+    }
+
+    /// Authentication is on unless turned off explicitly, and is refused
+    /// without a key; a secret never shows in `Debug`.
+    #[test]
+    fn auth_is_on_by_default() {
+        let cli = Cli::try_parse_from(["usage-service"]).unwrap();
+        assert_eq!(cli.serve.auth.mode, AuthMode::Jwt);
+        if cli.serve.auth.auth_jwt_secret.is_none() && cli.serve.auth.auth_jwt_public_key.is_none()
+        {
+            assert!(cli.serve.auth.verifier().is_err());
+        }
+
+        let off = Cli::try_parse_from(["usage-service", "--auth", "none"]).unwrap();
+        assert!(off.serve.auth.verifier().unwrap().is_none());
+
+        let secret = "s3cret-s3cret-s3cret-s3cret-s3cret";
+        let on = Cli::try_parse_from(["usage-service", "--auth-jwt-secret", secret]).unwrap();
+        assert!(on.serve.auth.verifier().unwrap().is_some());
+        assert!(!format!("{on:?}").contains(secret));
     }
 }

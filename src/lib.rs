@@ -12,10 +12,13 @@
 //!   (`migrations/V1__slots_and_usage.sql`), called by `src/store/sql/reserve.sql`.
 //! * [`jobs`]: background work (the database health watch).
 //! * [`config`] and [`telemetry`]: flags, environment and logging.
+//! * [`auth`]: bearer tokens and roles; `grpc::gate` and `grpc::policy` decide
+//!   per method who may call it.
 //!
 //! [`run`] serves an already-bound listener until a shutdown future resolves;
 //! the binary and the integration tests start the server the same way.
 
+pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod jobs;
@@ -33,7 +36,7 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/usage_descriptor.bin"));
 }
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
@@ -44,12 +47,31 @@ use tracing::info;
 use crate::{grpc::UsageApi, proto::usage_service_server::UsageServiceServer, store::Store};
 
 /// What [`run`] needs beyond the listener and the store.
+///
+/// The default serves without authentication and without TLS (the binary
+/// turns authentication on unless told otherwise).
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// How often the database is probed for the health service.
     pub health_interval: Duration,
     /// How often expired holds are freed; zero turns the sweep off.
     pub hold_sweep_interval: Duration,
+    /// Checks bearer tokens; `None` lets every caller in (and logs a warning
+    /// at start-up and every hour).
+    pub auth: Option<Arc<auth::Verifier>>,
+    /// Whether reflection needs a valid token too.
+    pub reflection_requires_token: bool,
+    /// Serve over TLS (mutual when it names a client authority).
+    pub tls: Option<grpc::tls::TlsOptions>,
+    /// Largest request message accepted, in bytes; larger ones get
+    /// `RESOURCE_EXHAUSTED` before reaching a handler.
+    pub max_message_bytes: usize,
+    /// Most calls in flight over the whole server; calls beyond it fail at
+    /// once with `UNAVAILABLE`. Health checks do not count.
+    pub max_concurrent_requests: usize,
+    /// Most calls in flight on one connection (the HTTP/2 stream limit the
+    /// server advertises, backed by a load-shedding limit).
+    pub max_concurrent_requests_per_connection: usize,
 }
 
 impl Default for ServerOptions {
@@ -57,6 +79,12 @@ impl Default for ServerOptions {
         Self {
             health_interval: Duration::from_secs(1),
             hold_sweep_interval: Duration::from_secs(5),
+            auth: None,
+            reflection_requires_token: false,
+            tls: None,
+            max_message_bytes: 64 * 1024,
+            max_concurrent_requests: 1024,
+            max_concurrent_requests_per_connection: 256,
         }
     }
 }
@@ -99,6 +127,12 @@ pub async fn run(
             stop_jobs.subscribe(),
         ))
     });
+    let unauthenticated_warning = options.auth.is_none().then(|| {
+        tokio::spawn(jobs::unauthenticated::warn_periodically(
+            jobs::unauthenticated::REPEAT_EVERY,
+            stop_jobs.subscribe(),
+        ))
+    });
 
     let api = UsageApi::new(store).with_shutdown(stop_jobs.subscribe());
     let local_addr = listener
@@ -116,15 +150,49 @@ pub async fn run(
         if let Some(sweep) = hold_sweep {
             sweep.await.ok();
         }
+        if let Some(warning) = unauthenticated_warning {
+            warning.await.ok();
+        }
         jobs::health::set_status(&reporter, false).await;
     };
 
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .context("configuring TLS")?;
+    }
+    let per_connection = options.max_concurrent_requests_per_connection;
+    let gate = grpc::gate::GateLayer::new(
+        options.auth.clone(),
+        grpc::policy::Policy {
+            reflection_requires_token: options.reflection_requires_token,
+        },
+        options.max_concurrent_requests,
+        options.max_message_bytes,
+    );
+    info!(
+        auth = options.auth.is_some(),
+        tls = options.tls.is_some(),
+        mutual_tls = options
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some()),
+        "serving options"
+    );
+
+    builder
         .tcp_nodelay(true)
+        .max_concurrent_streams(u32::try_from(per_connection).unwrap_or(u32::MAX))
+        .concurrency_limit_per_connection(per_connection)
+        .load_shed(true)
+        .layer(gate)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(UsageServiceServer::new(api))
+        .add_service(
+            UsageServiceServer::new(api).max_decoding_message_size(options.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
         .await
         .context("serving gRPC")?;

@@ -1,12 +1,17 @@
 //! The `usage-service` binary: parse the command line, start logging, build
 //! the pool, migrate, then hand over to [`usage_service::run`].
 
+use std::sync::Arc;
+
 use anyhow::Context as _;
 use clap::Parser as _;
 use tokio::net::TcpListener;
 use tracing::info;
 use usage_service::{
-    config::{available_cpus, CheckArgs, Cli, Command, DatabaseArgs, LogFormat, ServeArgs},
+    auth,
+    config::{
+        available_cpus, CheckArgs, Cli, Command, DatabaseArgs, LogFormat, ServeArgs, TokenArgs,
+    },
     store::{self, CheckOptions, Store},
     telemetry, ServerOptions,
 };
@@ -18,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     let (log_format, worker_threads) = match &command {
         Command::Serve(args) => (args.log_format, args.worker_threads),
         Command::Migrate(_) | Command::Check(_) => (LogFormat::Text, None),
+        Command::Token(args) => return print_token(args),
     };
     telemetry::init(log_format);
 
@@ -31,11 +37,17 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(args) => serve(args).await,
             Command::Migrate(args) => migrate(&args).await.map(drop),
             Command::Check(args) => check(&args).await,
+            Command::Token(_) => unreachable!("handled before the runtime starts"),
         }
     })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Configuration mistakes (a missing key, an unreadable certificate) stop
+    // start-up before anything touches the database.
+    let verifier = args.auth.verifier()?.map(Arc::new);
+    let tls = args.tls.options()?;
+
     let pool = store::connect_pool(&args.database)?;
     if args.no_migrate {
         info!("skipping migrations (--no-migrate)");
@@ -49,6 +61,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = ServerOptions {
         health_interval: args.health_interval,
         hold_sweep_interval: args.hold_sweep_interval,
+        auth: verifier,
+        reflection_requires_token: args.auth.auth_reflection_requires_token,
+        tls,
+        max_message_bytes: args.limits.max_message_bytes,
+        max_concurrent_requests: args.limits.max_concurrent_requests,
+        max_concurrent_requests_per_connection: args.limits.max_concurrent_requests_per_connection,
     };
     let store = Store::new(pool).with_statement_mode(store::statement_mode(&args.database));
     usage_service::run(listener, store, options, shutdown_signal()).await
@@ -82,6 +100,23 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         anyhow::bail!("{} violation(s) found", violations.len());
     }
     println!("ok: counters, ledger and audit trail agree; no limit exceeded; no idle transaction");
+    Ok(())
+}
+
+/// Prints a token signed with the configured secret, for trying the API.
+fn print_token(args: &TokenArgs) -> anyhow::Result<()> {
+    let token = auth::mint_hs256(
+        args.auth_jwt_secret.0.as_bytes(),
+        &auth::TokenRequest {
+            subject: &args.sub,
+            role: args.role,
+            ttl: args.ttl,
+            issuer: args.auth_jwt_issuer.as_deref(),
+            audience: args.auth_jwt_audience.as_deref(),
+        },
+    )
+    .context("signing the token")?;
+    println!("{token}");
     Ok(())
 }
 

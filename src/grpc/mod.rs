@@ -10,3 +10,7 @@ mod validate;
 mod watch;
 
 pub use service::{UsageApi, MAX_PAGE_SIZE};
+
+pub mod gate;
+pub mod policy;
+pub mod tls;

@@ -168,9 +168,12 @@ impl UsageService for UsageApi {
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::Usage>, Status> {
         let request = request.into_inner();
+        // A user token reads itself, named or implied by an empty user_id.
+        let identity = super::gate::authenticated();
+        let user_id = super::policy::own_user(identity.as_ref(), &request.user_id)?;
 
         let mut violations = validate::Violations::default();
-        let user_id = violations.id("user_id", &request.user_id);
+        let user_id = violations.id("user_id", &user_id);
         let feature = violations.feature("feature", &request.feature);
         violations.check()?;
         record_ids(user_id, &feature, None);

@@ -50,7 +50,9 @@ impl Violations {
     }
 }
 
-/// Who is calling, from the request metadata.
+/// Who is calling: the subject of the token the gate authenticated (the
+/// actor of every audit row the call writes), and the request id from the
+/// metadata.
 pub(crate) fn caller(metadata: &MetadataMap) -> Result<Caller, Status> {
     let request_id = match metadata.get("x-request-id") {
         None => None,
@@ -71,7 +73,7 @@ pub(crate) fn caller(metadata: &MetadataMap) -> Result<Caller, Status> {
         }
     };
     Ok(Caller {
-        actor: None,
+        actor: super::gate::authenticated().map(|identity| identity.subject),
         request_id,
     })
 }

@@ -2,3 +2,4 @@
 
 pub mod health;
 pub mod holds;
+pub mod unauthenticated;

@@ -7,6 +7,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod auth;
 pub mod cluster;
 pub mod load;
 pub mod process;
@@ -167,6 +168,7 @@ impl TestServer {
     }
 
     /// A server on an existing, migrated database, with the given settings.
+    #[allow(clippy::field_reassign_with_default)] // options grow field by field
     pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
         Self::start_inner(db, args, |_| {}).await
     }
