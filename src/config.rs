@@ -38,6 +38,10 @@ pub enum Command {
     /// sessions left idle in a transaction; print each violation and exit
     /// non-zero when there is one.
     Check(CheckArgs),
+    /// Bring the catalogue's existing products into the ledger, in batches.
+    Backfill(BackfillArgs),
+    /// Compare the ledger with the catalogue's live products and repair it.
+    Reconcile(ReconcileArgs),
 }
 
 /// Everything `check` needs.
@@ -129,6 +133,120 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub catalogue: CatalogueArgs,
+
+    /// Serve without a product catalogue: no Reconcile, no scheduled
+    /// reconciliation, and no check of the catalogue at start-up.
+    #[arg(long, env = "USAGE_NO_CATALOGUE")]
+    pub no_catalogue: bool,
+
+    /// How often every user is reconciled with the catalogue; 0 turns the
+    /// schedule off. With several replicas, one runs at a time.
+    #[arg(long, env = "USAGE_RECONCILE_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+}
+
+/// Where the product catalogue keeps its products. Checked at start-up
+/// against the table's real columns.
+#[derive(Debug, Clone, Args)]
+pub struct CatalogueArgs {
+    /// The catalogue's table (or view) of products.
+    #[arg(long, env = "USAGE_PRODUCTS_TABLE", default_value = "products")]
+    pub products_table: String,
+
+    /// The schema of the products table; by default the first of the search path.
+    #[arg(long, env = "USAGE_PRODUCTS_SCHEMA")]
+    pub products_schema: Option<String>,
+
+    /// The product id column (any type; compared as text).
+    #[arg(long, env = "USAGE_PRODUCTS_ID_COLUMN", default_value = "id")]
+    pub products_id_column: String,
+
+    /// The owning user's id column (any type; compared as text).
+    #[arg(long, env = "USAGE_PRODUCTS_USER_COLUMN", default_value = "user_id")]
+    pub products_user_column: String,
+
+    /// The column that is NULL while a product is live.
+    #[arg(
+        long,
+        env = "USAGE_PRODUCTS_DELETED_COLUMN",
+        default_value = "deleted_at"
+    )]
+    pub products_deleted_column: String,
+
+    /// The feature each live product holds a slot of.
+    #[arg(long, env = "USAGE_PRODUCTS_FEATURE", default_value = crate::usage::DEFAULT_FEATURE)]
+    pub products_feature: String,
+
+    /// How old a slot without a live product must be before it is released:
+    /// a product service reserves first and inserts its product after, so a
+    /// younger slot may belong to an insert still in flight.
+    #[arg(long, env = "USAGE_ORPHAN_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub orphan_grace: Duration,
+}
+
+impl CatalogueArgs {
+    /// The layout these flags describe.
+    pub fn layout(&self) -> crate::store::catalogue::CatalogueLayout {
+        crate::store::catalogue::CatalogueLayout {
+            schema: self.products_schema.clone(),
+            table: self.products_table.clone(),
+            id_column: self.products_id_column.clone(),
+            user_column: self.products_user_column.clone(),
+            deleted_column: self.products_deleted_column.clone(),
+            feature: self.products_feature.clone(),
+        }
+    }
+}
+
+/// Everything `backfill` needs.
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    /// Report what would change (users, slots added and removed) without writing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Users per batch; each batch is one transaction.
+    #[arg(long, env = "USAGE_BACKFILL_BATCH_SIZE", default_value_t = 2000)]
+    pub batch_size: usize,
+
+    /// Start from the first user even if an interrupted run left a checkpoint.
+    #[arg(long)]
+    pub restart: bool,
+
+    /// Batches written at once, each on its own connection.
+    #[arg(long, env = "USAGE_BACKFILL_JOBS", default_value_t = 2)]
+    pub jobs: usize,
+
+    /// Do not apply pending migrations first.
+    #[arg(long, env = "USAGE_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub catalogue: CatalogueArgs,
+}
+
+/// Everything `reconcile` needs.
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    /// Reconcile only this user; every user when omitted.
+    #[arg(long)]
+    pub user_id: Option<String>,
+
+    /// Report what would be corrected without writing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub catalogue: CatalogueArgs,
 }
 
 /// How log lines are written.

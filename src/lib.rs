@@ -10,7 +10,8 @@
 //! * [`store`]: storage. The pool, migrations, and one named SQL statement per
 //!   operation. The limit is enforced in `usage_reserve`
 //!   (`migrations/V1__slots_and_usage.sql`), called by `src/store/sql/reserve.sql`.
-//! * [`jobs`]: background work (the database health watch).
+//! * [`jobs`]: background work (the database health watch, the scheduled
+//!   reconciliation) and the `backfill` and `reconcile` commands.
 //! * [`config`] and [`telemetry`]: flags, environment and logging.
 //! * [`auth`]: bearer tokens and roles; `grpc::gate` and `grpc::policy` decide
 //!   per method who may call it.
@@ -44,7 +45,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::info;
 
-use crate::{grpc::UsageApi, proto::usage_service_server::UsageServiceServer, store::Store};
+use crate::{
+    grpc::UsageApi,
+    proto::usage_service_server::UsageServiceServer,
+    store::{
+        catalogue::{Catalogue, CatalogueLayout},
+        reconcile::Reconciler,
+        Store,
+    },
+};
 
 /// What [`run`] needs beyond the listener and the store.
 ///
@@ -72,6 +81,13 @@ pub struct ServerOptions {
     /// Most calls in flight on one connection (the HTTP/2 stream limit the
     /// server advertises, backed by a load-shedding limit).
     pub max_concurrent_requests_per_connection: usize,
+    /// The product catalogue Reconcile compares the ledger with, checked at
+    /// start-up; `None` turns reconciliation off.
+    pub catalogue: Option<CatalogueLayout>,
+    /// How often every user is reconciled; zero turns the schedule off.
+    pub reconcile_interval: Duration,
+    /// How old a slot without a live product must be before it is released.
+    pub orphan_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -85,6 +101,9 @@ impl Default for ServerOptions {
             max_message_bytes: 64 * 1024,
             max_concurrent_requests: 1024,
             max_concurrent_requests_per_connection: 256,
+            catalogue: None,
+            reconcile_interval: Duration::ZERO,
+            orphan_grace: Duration::from_secs(600),
         }
     }
 }
@@ -112,13 +131,34 @@ pub async fn run(
         .build_v1alpha()
         .context("building reflection v1alpha")?;
 
+    let reconciler = match &options.catalogue {
+        Some(layout) => {
+            let catalogue = Catalogue::validate(store.pool(), layout)
+                .await
+                .context("checking the product catalogue")?;
+            info!(table = %catalogue, feature = catalogue.feature(), "product catalogue checked");
+            Some(Reconciler::new(
+                store.pool().clone(),
+                std::sync::Arc::new(catalogue),
+                options.orphan_grace,
+            ))
+        }
+        None => None,
+    };
+
     let (stop_jobs, stopped) = watch::channel(false);
     let health_watch = tokio::spawn(jobs::health::watch_database(
         store.pool().clone(),
         reporter.clone(),
         options.health_interval,
-        stopped,
+        stopped.clone(),
     ));
+    let reconcile_schedule = match &reconciler {
+        Some(reconciler) if !options.reconcile_interval.is_zero() => Some(tokio::spawn(
+            jobs::reconcile::schedule(reconciler.clone(), options.reconcile_interval, stopped),
+        )),
+        _ => None,
+    };
 
     let hold_sweep = (!options.hold_sweep_interval.is_zero()).then(|| {
         tokio::spawn(jobs::holds::sweep_expired_holds(
@@ -134,7 +174,9 @@ pub async fn run(
         ))
     });
 
-    let api = UsageApi::new(store).with_shutdown(stop_jobs.subscribe());
+    let api = UsageApi::new(store)
+        .with_shutdown(stop_jobs.subscribe())
+        .with_reconciler(reconciler);
     let local_addr = listener
         .local_addr()
         .context("reading the listener address")?;
@@ -152,6 +194,9 @@ pub async fn run(
         }
         if let Some(warning) = unauthenticated_warning {
             warning.await.ok();
+        }
+        if let Some(schedule) = reconcile_schedule {
+            schedule.await.ok();
         }
         jobs::health::set_status(&reporter, false).await;
     };

@@ -12,6 +12,7 @@ use usage_service::{
     config::{
         available_cpus, CheckArgs, Cli, Command, DatabaseArgs, LogFormat, ServeArgs, TokenArgs,
     },
+    jobs,
     store::{self, CheckOptions, Store},
     telemetry, ServerOptions,
 };
@@ -22,7 +23,9 @@ fn main() -> anyhow::Result<()> {
 
     let (log_format, worker_threads) = match &command {
         Command::Serve(args) => (args.log_format, args.worker_threads),
-        Command::Migrate(_) | Command::Check(_) => (LogFormat::Text, None),
+        Command::Migrate(_) | Command::Check(_) | Command::Backfill(_) | Command::Reconcile(_) => {
+            (LogFormat::Text, None)
+        }
         Command::Token(args) => return print_token(args),
     };
     telemetry::init(log_format);
@@ -38,6 +41,8 @@ fn main() -> anyhow::Result<()> {
             Command::Migrate(args) => migrate(&args).await.map(drop),
             Command::Check(args) => check(&args).await,
             Command::Token(_) => unreachable!("handled before the runtime starts"),
+            Command::Backfill(args) => jobs::backfill::run_command(args).await,
+            Command::Reconcile(args) => jobs::reconcile::run_command(args).await,
         }
     })
 }
@@ -67,6 +72,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_message_bytes: args.limits.max_message_bytes,
         max_concurrent_requests: args.limits.max_concurrent_requests,
         max_concurrent_requests_per_connection: args.limits.max_concurrent_requests_per_connection,
+        catalogue: (!args.no_catalogue).then(|| args.catalogue.layout()),
+        reconcile_interval: args.reconcile_interval,
+        orphan_grace: args.catalogue.orphan_grace,
     };
     let store = Store::new(pool).with_statement_mode(store::statement_mode(&args.database));
     usage_service::run(listener, store, options, shutdown_signal()).await

@@ -4,6 +4,7 @@
 mod admin;
 mod bulk;
 mod page_token;
+mod reconcile;
 mod service;
 pub mod status;
 mod validate;

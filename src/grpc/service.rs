@@ -10,7 +10,7 @@ use tracing::{debug, info, instrument};
 use super::{admin, status, validate};
 use crate::{
     proto::{self, usage_service_server::UsageService},
-    store::Store,
+    store::{reconcile::Reconciler, Store},
     usage::{ReleaseOutcome, ReserveAction, ReserveOutcome, Usage, HOLD_TTL_RANGE},
 };
 
@@ -22,6 +22,7 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 pub struct UsageApi {
     store: Store,
     shutdown: watch::Receiver<bool>,
+    reconciler: Option<Reconciler>,
 }
 
 impl UsageApi {
@@ -30,7 +31,15 @@ impl UsageApi {
         Self {
             store,
             shutdown: watch::channel(false).1,
+            reconciler: None,
         }
+    }
+
+    /// Serves Reconcile with `reconciler`; without one it answers
+    /// FAILED_PRECONDITION.
+    pub fn with_reconciler(mut self, reconciler: Option<Reconciler>) -> Self {
+        self.reconciler = reconciler;
+        self
     }
 
     /// Ends long-lived streams when `shutdown` turns true, so that a graceful
@@ -277,6 +286,14 @@ impl UsageService for UsageApi {
         request: Request<proto::WatchUsageRequest>,
     ) -> Result<Response<Self::WatchUsageStream>, Status> {
         self.watch(request).await
+    }
+
+    #[instrument(skip_all, fields(user_id))]
+    async fn reconcile(
+        &self,
+        request: Request<proto::ReconcileRequest>,
+    ) -> Result<Response<proto::ReconcileReport>, Status> {
+        super::reconcile::handle(self.reconciler.as_ref(), request.into_inner()).await
     }
 }
 

@@ -7,11 +7,15 @@
 //! client never leaves a transaction open or a change half-applied.
 
 mod admin;
+pub mod backfill;
+pub mod catalogue;
 mod check;
 mod error;
 pub mod holds;
+mod ledger;
 pub mod migrate;
 mod pool;
+pub mod reconcile;
 mod statements;
 
 use deadpool_postgres::Pool;
@@ -68,6 +72,40 @@ pub mod sql {
     pub const HELD_SLOTS: &str = include_str!("sql/held_slots.sql");
     /// See `sql/usage_by_user.sql`.
     pub const USAGE_BY_USER: &str = include_str!("sql/usage_by_user.sql");
+    /// See `sql/catalogue_columns.sql`.
+    pub const CATALOGUE_COLUMNS: &str = include_str!("sql/catalogue_columns.sql");
+    /// See `sql/catalogue_live_products.sql`.
+    pub const CATALOGUE_LIVE_PRODUCTS: &str = include_str!("sql/catalogue_live_products.sql");
+    /// See `sql/catalogue_users_after.sql`.
+    pub const CATALOGUE_USERS_AFTER: &str = include_str!("sql/catalogue_users_after.sql");
+    /// See `sql/catalogue_count_users.sql`.
+    pub const CATALOGUE_COUNT_USERS: &str = include_str!("sql/catalogue_count_users.sql");
+    /// See `sql/ledger_usage.sql`.
+    pub const LEDGER_USAGE: &str = include_str!("sql/ledger_usage.sql");
+    /// See `sql/ledger_default_limit.sql`.
+    pub const LEDGER_DEFAULT_LIMIT: &str = include_str!("sql/ledger_default_limit.sql");
+    /// See `sql/ledger_lock.sql`.
+    pub const LEDGER_LOCK: &str = include_str!("sql/ledger_lock.sql");
+    /// See `sql/ledger_create_users.sql`.
+    pub const LEDGER_CREATE_USERS: &str = include_str!("sql/ledger_create_users.sql");
+    /// See `sql/ledger_slots.sql`.
+    pub const LEDGER_SLOTS: &str = include_str!("sql/ledger_slots.sql");
+    /// See `sql/ledger_audited.sql`.
+    pub const LEDGER_AUDITED: &str = include_str!("sql/ledger_audited.sql");
+    /// See `sql/ledger_add_slots.sql`.
+    pub const LEDGER_ADD_SLOTS: &str = include_str!("sql/ledger_add_slots.sql");
+    /// See `sql/ledger_remove_slots.sql`.
+    pub const LEDGER_REMOVE_SLOTS: &str = include_str!("sql/ledger_remove_slots.sql");
+    /// See `sql/ledger_set_counters.sql`.
+    pub const LEDGER_SET_COUNTERS: &str = include_str!("sql/ledger_set_counters.sql");
+    /// See `sql/ledger_audit.sql`.
+    pub const LEDGER_AUDIT: &str = include_str!("sql/ledger_audit.sql");
+    /// See `sql/backfill_checkpoint_get.sql`.
+    pub const BACKFILL_CHECKPOINT_GET: &str = include_str!("sql/backfill_checkpoint_get.sql");
+    /// See `sql/backfill_checkpoint_set.sql`.
+    pub const BACKFILL_CHECKPOINT_SET: &str = include_str!("sql/backfill_checkpoint_set.sql");
+    /// See `sql/backfill_checkpoint_clear.sql`.
+    pub const BACKFILL_CHECKPOINT_CLEAR: &str = include_str!("sql/backfill_checkpoint_clear.sql");
 }
 
 /// A user whose counter disagrees with its ledger or its audit trail.

@@ -8,6 +8,8 @@ pub mod admin;
 
 pub mod history;
 
+pub mod drift;
+
 use std::fmt;
 
 pub mod feed;

@@ -8,6 +8,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod auth;
+pub mod catalogue;
 pub mod cluster;
 pub mod load;
 pub mod process;
@@ -164,19 +165,20 @@ impl TestServer {
         let args = db.args();
         let pool = store::connect_pool(&args).expect("building the pool");
         store::migrate::run(&pool).await.expect("migrating");
-        Self::start_inner(db, args, configure).await
+        Self::start_on(db, args, configure).await
     }
 
     /// A server on an existing, migrated database, with the given settings.
     #[allow(clippy::field_reassign_with_default)] // options grow field by field
     pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
-        Self::start_inner(db, args, |_| {}).await
+        Self::start_on(db, args, |_| {}).await
     }
 
-    // Options are assigned one by one so that settings added to ServerOptions
-    // later keep their defaults here.
+    /// A server on an existing, migrated database, with `configure` applied
+    /// to the default options. Options are assigned one by one so that
+    /// settings added to ServerOptions later keep their defaults here.
     #[allow(clippy::field_reassign_with_default)]
-    async fn start_inner(
+    pub async fn start_on(
         db: TestDb,
         args: DatabaseArgs,
         configure: impl FnOnce(&mut ServerOptions),

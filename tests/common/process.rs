@@ -28,6 +28,8 @@ impl ServerProcess {
             .env("DATABASE_URL", database_url)
             .env("USAGE_LISTEN_ADDR", "127.0.0.1:0")
             .env("USAGE_NO_MIGRATE", "true")
+            .env("USAGE_AUTH", "none")
+            .env("USAGE_NO_CATALOGUE", "true")
             .env("USAGE_HEALTH_INTERVAL", "100ms")
             .env("USAGE_DB_POOL_SIZE", "16")
             .env("USAGE_WORKER_THREADS", "2")
