@@ -118,6 +118,10 @@ pub struct ServeArgs {
     #[arg(long, env = "USAGE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[arg(long, env = "USAGE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
     /// Tokio worker threads; by default the CPUs available to the process.
     #[arg(long, env = "USAGE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -299,10 +303,13 @@ pub fn redact_url(url: &str) -> String {
         .join(" ")
 }
 
-/// Enough connections to keep both the CPUs and the database busy: PostgreSQL
-/// spends part of each call waiting for the disk, so a few per CPU.
+/// Enough connections for writes to share WAL flushes: a Reserve or Release
+/// spends most of its time waiting for its commit to reach the disk, and
+/// PostgreSQL makes all the commits waiting at that moment durable with one
+/// flush, so throughput grows with the commits in flight, not with the CPUs.
+/// Reads are limited separately (`store::reads_in_flight`).
 fn default_pool_size() -> usize {
-    available_cpus() * 4
+    (available_cpus() * 4).max(32)
 }
 
 /// The CPUs this process may use (respects cgroup quotas and affinity).

@@ -15,6 +15,7 @@
 //! * [`config`] and [`telemetry`]: flags, environment and logging.
 //! * [`auth`]: bearer tokens and roles; `grpc::gate` and `grpc::policy` decide
 //!   per method who may call it.
+//! * [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //!
 //! [`run`] serves an already-bound listener until a shutdown future resolves;
 //! the binary and the integration tests start the server the same way.
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod config;
 pub mod grpc;
 pub mod jobs;
+pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod usage;
@@ -37,7 +39,7 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/usage_descriptor.bin"));
 }
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
@@ -88,6 +90,8 @@ pub struct ServerOptions {
     pub reconcile_interval: Duration,
     /// How old a slot without a live product must be before it is released.
     pub orphan_grace: Duration,
+    /// Where `/metrics` is served; `None` serves no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ServerOptions {
@@ -104,6 +108,7 @@ impl Default for ServerOptions {
             catalogue: None,
             reconcile_interval: Duration::ZERO,
             orphan_grace: Duration::from_secs(600),
+            metrics_addr: None,
         }
     }
 }
@@ -146,7 +151,23 @@ pub async fn run(
         None => None,
     };
 
+    let metrics_listener = match options.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?,
+        ),
+        None => None,
+    };
+
     let (stop_jobs, stopped) = watch::channel(false);
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        tokio::spawn(metrics::serve(
+            listener,
+            store.pool().clone(),
+            stopped.clone(),
+        ))
+    });
     let health_watch = tokio::spawn(jobs::health::watch_database(
         store.pool().clone(),
         reporter.clone(),
@@ -231,6 +252,7 @@ pub async fn run(
         .max_concurrent_streams(u32::try_from(per_connection).unwrap_or(u32::MAX))
         .concurrency_limit_per_connection(per_connection)
         .load_shed(true)
+        .layer(grpc::metered::MeteredLayer)
         .layer(gate)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -241,6 +263,12 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
         .await
         .context("serving gRPC")?;
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint
+            .await
+            .context("the metrics endpoint panicked")?
+            .context("serving metrics")?;
+    }
 
     info!("shut down");
     Ok(())

@@ -75,6 +75,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         catalogue: (!args.no_catalogue).then(|| args.catalogue.layout()),
         reconcile_interval: args.reconcile_interval,
         orphan_grace: args.catalogue.orphan_grace,
+        metrics_addr: Some(args.metrics_addr),
     };
     let store = Store::new(pool).with_statement_mode(store::statement_mode(&args.database));
     usage_service::run(listener, store, options, shutdown_signal()).await

@@ -3,6 +3,7 @@
 
 mod admin;
 mod bulk;
+pub mod metered;
 mod page_token;
 mod reconcile;
 mod service;

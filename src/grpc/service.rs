@@ -9,6 +9,7 @@ use tracing::{debug, info, instrument};
 
 use super::{admin, status, validate};
 use crate::{
+    metrics,
     proto::{self, usage_service_server::UsageService},
     store::{reconcile::Reconciler, Store},
     usage::{ReleaseOutcome, ReserveAction, ReserveOutcome, Usage, HOLD_TTL_RANGE},
@@ -116,6 +117,7 @@ impl UsageService for UsageApi {
 
         let (usage, already_held) = match outcome {
             ReserveOutcome::Reserved(usage) => {
+                metrics::record_reserved(&usage);
                 info!(%action, delta = 1, usage = usage.current_usage, tier = %usage.tier, "slot reserved");
                 (usage, false)
             }
@@ -124,6 +126,7 @@ impl UsageService for UsageApi {
                 (usage, true)
             }
             ReserveOutcome::Denied(usage) => {
+                metrics::record_refused(&usage);
                 info!(%action, usage = usage.current_usage, limit = ?usage.usage_limit, tier = %usage.tier, "reservation refused at limit");
                 return Err(status::limit_reached(&usage));
             }
@@ -157,6 +160,7 @@ impl UsageService for UsageApi {
 
         let (usage, was_held) = match outcome {
             ReleaseOutcome::Released(usage) => {
+                metrics::record_released(&usage);
                 info!(delta = -1, usage = usage.current_usage, tier = %usage.tier, "slot released");
                 (usage, true)
             }

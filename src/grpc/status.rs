@@ -6,6 +6,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
+    metrics,
     store::StoreError,
     usage::{FieldViolation, Usage},
 };
@@ -70,10 +71,15 @@ pub fn from_store(err: StoreError) -> Status {
             format!("unknown feature {feature:?}"),
         )]),
         StoreError::Unavailable(cause) => {
+            metrics::record_database_error("unavailable");
             tracing::warn!(%cause, "database unavailable");
             Status::unavailable("database unavailable, retry later")
         }
         err @ (StoreError::Database(_) | StoreError::UnexpectedOutcome(_)) => {
+            metrics::record_database_error(match err {
+                StoreError::Database(_) => "database",
+                _ => "unexpected_outcome",
+            });
             tracing::error!(cause = %err, "database error");
             Status::internal("internal error")
         }

@@ -47,6 +47,7 @@ pub async fn set_status(reporter: &HealthReporter, serving: bool) {
     };
     reporter.set_service_status("", status).await;
     reporter.set_service_status(SERVICE_NAME, status).await;
+    crate::metrics::set_health(serving);
 }
 
 /// One round trip to the database within `timeout`.

@@ -49,7 +49,7 @@ impl Store {
         tier: &str,
         caller: &Caller,
     ) -> Result<UserChange, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::SET_TIER).await?;
         let row = client
             .query_one(
@@ -68,7 +68,7 @@ impl Store {
         limit: &LimitOverride,
         caller: &Caller,
     ) -> Result<UserChange, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::SET_OVERRIDE).await?;
         let row = client
             .query_one(
@@ -95,7 +95,7 @@ impl Store {
         reason: Option<&str>,
         caller: &Caller,
     ) -> Result<UserChange, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::CLEAR_OVERRIDE).await?;
         let row = client
             .query_one(
@@ -122,7 +122,7 @@ impl Store {
         reason: Option<&str>,
         caller: &Caller,
     ) -> Result<TierLimitChange, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::SET_TIER_LIMIT).await?;
         let row = client
             .query_one(
@@ -161,7 +161,8 @@ impl Store {
         after: Option<&UsageKey>,
         limit: i64,
     ) -> Result<UsagePage, StoreError> {
-        let client = self.pool.get().await?;
+        let _turn = self.read_turn().await;
+        let client = self.connection().await?;
         let feature = filter.feature.as_str();
         let tier = filter.tier.as_deref();
         let rows = match filter.order {
@@ -231,7 +232,7 @@ impl Store {
         before: Option<i64>,
         limit: i64,
     ) -> Result<EventPage, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let feature = filter.feature.as_str();
         let actions: Option<Vec<&str>> = (!filter.actions.is_empty())
             .then(|| filter.actions.iter().map(|a| a.as_str()).collect());

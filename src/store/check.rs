@@ -112,7 +112,7 @@ impl Store {
             .into_iter()
             .map(Violation::Counter)
             .collect();
-        let client = self.pool().get().await?;
+        let client = self.connection().await?;
 
         for row in self.query(&client, sql::CHECK_PRODUCTS, &[]).await? {
             violations.push(Violation::Product(ProductDiscrepancy {
@@ -156,7 +156,7 @@ impl Store {
 
     /// The ledger and counters of `feature` as they are now.
     pub async fn observe(&self, feature: &str) -> Result<Observed, StoreError> {
-        let client = self.pool().get().await?;
+        let client = self.connection().await?;
         let mut observed = Observed::default();
         for row in self
             .query(&client, sql::HELD_SLOTS, &[(&feature, Type::TEXT)])

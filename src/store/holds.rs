@@ -77,7 +77,7 @@ impl Store {
         feature: &str,
         quantity: i64,
     ) -> Result<(bool, Usage), StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::CHECK_QUOTA).await?;
         let row = client
             .query_opt(&statement, &[&user_id, &feature, &quantity])
@@ -99,7 +99,7 @@ impl Store {
         action: ReserveAction,
         caller: &Caller,
     ) -> Result<ReserveManyOutcome, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::RESERVE_MANY).await?;
         let row = client
             .query_one(
@@ -140,7 +140,7 @@ impl Store {
         product_ids: &[String],
         caller: &Caller,
     ) -> Result<ReleaseManyOutcome, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::RELEASE_MANY).await?;
         let row = client
             .query_one(
@@ -176,7 +176,7 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ConfirmOutcome, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::CONFIRM).await?;
         let row = client
             .query_one(
@@ -207,7 +207,7 @@ impl Store {
     /// Frees the expired holds of up to `max_users` users, one short
     /// transaction (and one row lock) per user. Returns how many holds.
     pub async fn expire_holds(&self, max_users: i64) -> Result<i64, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let users = client.query(sql::EXPIRED_HOLDS, &[&max_users]).await?;
         let expire = client.prepare_cached(sql::EXPIRE_HOLDS).await?;
         let mut freed = 0_i64;
@@ -222,7 +222,7 @@ impl Store {
 
     /// The newest event id (0 when there is none).
     pub async fn newest_event_id(&self) -> Result<i64, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::EVENTS_MAX_ID).await?;
         Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
     }
@@ -236,7 +236,7 @@ impl Store {
         missing: &[i64],
         limit: i64,
     ) -> Result<Vec<i64>, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::EVENTS_IDS).await?;
         let rows = client
             .query(&statement, &[&after, &missing, &limit])
@@ -250,7 +250,7 @@ impl Store {
         ids: &[i64],
         filter: &EventFilter,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let statement = client.prepare_cached(sql::EVENTS_BY_ID).await?;
         let rows = client
             .query(

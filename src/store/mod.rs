@@ -18,7 +18,10 @@ mod pool;
 pub mod reconcile;
 mod statements;
 
-use deadpool_postgres::Pool;
+use std::{sync::Arc, time::Instant};
+
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::{types::Type, Row};
 
 pub use admin::{EventPage, UsagePage};
@@ -124,18 +127,27 @@ pub struct Discrepancy {
 }
 
 /// Access to the counters, the ledger and the audit trail.
+///
+/// Writes may use every connection of the pool: each waits mostly for its
+/// commit's WAL flush, and the more commits are in flight, the more of them
+/// one flush makes durable. Reads (Get, ListAll) only use the CPUs, so at most
+/// [`reads_in_flight`] of them run at once; more would only make PostgreSQL
+/// switch between them, and would take connections the writes can use.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
     statements: StatementMode,
+    reads: Arc<Semaphore>,
 }
 
 impl Store {
     /// A store over `pool`.
     pub fn new(pool: Pool) -> Self {
+        let reads = reads_in_flight().min(pool.status().max_size).max(1);
         Self {
             pool,
             statements: StatementMode::default(),
+            reads: Arc::new(Semaphore::new(reads)),
         }
     }
 
@@ -172,6 +184,22 @@ impl Store {
         &self.pool
     }
 
+    /// Waits until fewer than [`reads_in_flight`] reads are running.
+    pub(crate) async fn read_turn(&self) -> SemaphorePermit<'_> {
+        self.reads
+            .acquire()
+            .await
+            .expect("the semaphore lives as long as the store and is never closed")
+    }
+
+    /// A pooled connection, timing the wait for it.
+    pub(crate) async fn connection(&self) -> Result<Object, StoreError> {
+        let started = Instant::now();
+        let client = self.pool.get().await;
+        crate::metrics::record_pool_wait(started.elapsed());
+        Ok(client?)
+    }
+
     /// Takes a slot for `product_id` unless the user is at its limit.
     /// With `hold`, the slot is pending for that long: it must be confirmed
     /// or it is freed.
@@ -185,7 +213,7 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
         let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let row = self
             .query_one(
                 &client,
@@ -221,7 +249,7 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let row = self
             .query_one(
                 &client,
@@ -249,7 +277,8 @@ impl Store {
     /// The usage of one user; a user never seen has zero usage at the
     /// feature's default tier.
     pub async fn get(&self, user_id: &str, feature: &str) -> Result<Usage, StoreError> {
-        let client = self.pool.get().await?;
+        let _turn = self.read_turn().await;
+        let client = self.connection().await?;
         let row = self
             .query(
                 &client,
@@ -269,7 +298,7 @@ impl Store {
     /// the invariant holds. Reads everything: meant for tests, benchmarks and
     /// operators, not for the hot path.
     pub async fn check_invariants(&self) -> Result<Vec<Discrepancy>, StoreError> {
-        let client = self.pool.get().await?;
+        let client = self.connection().await?;
         let rows = self.query(&client, sql::CHECK, &[]).await?;
         rows.iter()
             .map(|row| {
@@ -283,6 +312,12 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Most reads run at once: a few per CPU, enough to keep PostgreSQL's CPUs busy
+/// while some calls are on the network.
+pub fn reads_in_flight() -> usize {
+    crate::config::available_cpus() * 4
 }
 
 /// Reads the `tier`, `current_usage` and `usage_limit` columns.

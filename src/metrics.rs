@@ -1,0 +1,214 @@
+//! Prometheus metrics: what the service records and the `/metrics` endpoint
+//! that serves them on a port of its own.
+//!
+//! Every metric goes through one of the `record_*` / `set_*` functions below,
+//! so the names, labels and units live in this file only. Recording is a hash
+//! lookup and an atomic add; until [`install`] has run it does nothing at all.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `usage_grpc_requests_total` | counter | `rpc`, `code` |
+//! | `usage_grpc_request_duration_seconds` | histogram | `rpc` |
+//! | `usage_slots_reserved_total` | counter | `feature`, `tier` |
+//! | `usage_slots_released_total` | counter | `feature`, `tier` |
+//! | `usage_slots_refused_total` | counter | `feature`, `tier` |
+//! | `usage_db_pool_connections` | gauge | `state` (`max`, `open`, `idle`) |
+//! | `usage_db_pool_waiting` | gauge | |
+//! | `usage_db_pool_wait_seconds` | histogram | |
+//! | `usage_db_errors_total` | counter | `kind` (`unavailable`, `database`, `unexpected_outcome`) |
+//! | `usage_reconciliation_drift_found_total` | counter | |
+//! | `usage_reconciliation_drift_fixed_total` | counter | |
+//! | `usage_health_serving` | gauge | 1 while the database answers, else 0 |
+
+use std::{sync::OnceLock, time::Duration};
+
+use axum::{extract::State, routing::get, Router};
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{info, warn};
+
+use crate::usage::Usage;
+
+/// Requests served, by RPC (`/package.Service/Method`) and gRPC status code.
+pub const GRPC_REQUESTS: &str = "usage_grpc_requests_total";
+/// Time from a request's arrival to its response headers, by RPC.
+pub const GRPC_DURATION: &str = "usage_grpc_request_duration_seconds";
+/// Slots taken by Reserve, by feature and tier.
+pub const SLOTS_RESERVED: &str = "usage_slots_reserved_total";
+/// Slots freed by Release, by feature and tier.
+pub const SLOTS_RELEASED: &str = "usage_slots_released_total";
+/// Reserves refused at the limit, by feature and tier.
+pub const SLOTS_REFUSED: &str = "usage_slots_refused_total";
+/// Connections of the pool: `max`, `open` and `idle`.
+pub const POOL_CONNECTIONS: &str = "usage_db_pool_connections";
+/// Calls waiting for a free connection.
+pub const POOL_WAITING: &str = "usage_db_pool_waiting";
+/// Time a call waited for a connection.
+pub const POOL_WAIT: &str = "usage_db_pool_wait_seconds";
+/// Failed database calls, by kind.
+pub const DB_ERRORS: &str = "usage_db_errors_total";
+/// Users whose counter disagreed with their ledger when reconciliation ran.
+pub const RECONCILIATION_FOUND: &str = "usage_reconciliation_drift_found_total";
+/// Users whose counter reconciliation corrected.
+pub const RECONCILIATION_FIXED: &str = "usage_reconciliation_drift_fixed_total";
+/// 1 while the health service reports `SERVING`, else 0.
+pub const HEALTH_SERVING: &str = "usage_health_serving";
+
+/// Bucket bounds of the latency histograms, in seconds: 250 µs to 5 s, dense
+/// around the few milliseconds a durable commit takes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0,
+];
+
+/// How often histogram samples are folded into their buckets, which bounds
+/// the memory they take when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder on first call and returns its handle;
+/// later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if let Err(err) = ::metrics::set_global_recorder(recorder) {
+                warn!(cause = %err, "another metrics recorder is installed; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` changes, folding
+/// histogram samples every few seconds meanwhile. Pool gauges are read at
+/// scrape time, so they cost nothing between scrapes.
+pub async fn serve(
+    listener: TcpListener,
+    pool: Pool,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let handle = install();
+    if let Ok(local_addr) = listener.local_addr() {
+        info!(%local_addr, "serving metrics on /metrics");
+    }
+
+    let upkeep = {
+        let handle = handle.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(UPKEEP_INTERVAL) => handle.run_upkeep(),
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
+
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state((handle, pool));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    upkeep.await.ok();
+    served
+}
+
+/// Refreshes the pool gauges, then renders every metric.
+async fn scrape(State((handle, pool)): State<(PrometheusHandle, Pool)>) -> String {
+    let status = pool.status();
+    ::metrics::gauge!(POOL_CONNECTIONS, "state" => "max").set(status.max_size as f64);
+    ::metrics::gauge!(POOL_CONNECTIONS, "state" => "open").set(status.size as f64);
+    ::metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(status.available as f64);
+    ::metrics::gauge!(POOL_WAITING).set(status.waiting as f64);
+    handle.render()
+}
+
+/// One gRPC call answered with `code` (e.g. `OK`, `RESOURCE_EXHAUSTED`)
+/// after `elapsed`.
+pub fn record_request(rpc: String, code: &'static str, elapsed: Duration) {
+    ::metrics::histogram!(GRPC_DURATION, "rpc" => rpc.clone()).record(elapsed.as_secs_f64());
+    ::metrics::counter!(GRPC_REQUESTS, "rpc" => rpc, "code" => code).increment(1);
+}
+
+/// A Reserve took a slot; `usage` is the user's usage after it.
+pub fn record_reserved(usage: &Usage) {
+    slot_counter(SLOTS_RESERVED, usage).increment(1);
+}
+
+/// A Release freed a slot; `usage` is the user's usage after it.
+pub fn record_released(usage: &Usage) {
+    slot_counter(SLOTS_RELEASED, usage).increment(1);
+}
+
+/// A Reserve was refused at the limit.
+pub fn record_refused(usage: &Usage) {
+    slot_counter(SLOTS_REFUSED, usage).increment(1);
+}
+
+fn slot_counter(name: &'static str, usage: &Usage) -> ::metrics::Counter {
+    ::metrics::counter!(name, "feature" => usage.feature.clone(), "tier" => usage.tier.clone())
+}
+
+/// A call waited `waited` for a pooled connection (whether or not it got one).
+pub fn record_pool_wait(waited: Duration) {
+    ::metrics::histogram!(POOL_WAIT).record(waited.as_secs_f64());
+}
+
+/// A database call failed; `kind` is `unavailable`, `database` or
+/// `unexpected_outcome`.
+pub fn record_database_error(kind: &'static str) {
+    ::metrics::counter!(DB_ERRORS, "kind" => kind).increment(1);
+}
+
+/// One reconciliation pass found `found` users whose counter disagreed with
+/// their ledger and corrected `fixed` of them.
+pub fn record_reconciliation(found: u64, fixed: u64) {
+    ::metrics::counter!(RECONCILIATION_FOUND).increment(found);
+    ::metrics::counter!(RECONCILIATION_FIXED).increment(fixed);
+}
+
+/// The health service now reports `serving`.
+pub fn set_health(serving: bool) {
+    ::metrics::gauge!(HEALTH_SERVING).set(if serving { 1.0 } else { 0.0 });
+}
+
+/// The HELP lines of the endpoint.
+fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+    describe_counter!(GRPC_REQUESTS, "gRPC calls answered, by rpc and status code");
+    describe_histogram!(
+        GRPC_DURATION,
+        Unit::Seconds,
+        "time from a call's arrival to its response, by rpc"
+    );
+    describe_counter!(SLOTS_RESERVED, "slots taken by Reserve");
+    describe_counter!(SLOTS_RELEASED, "slots freed by Release");
+    describe_counter!(SLOTS_REFUSED, "Reserve calls refused at the limit");
+    describe_gauge!(POOL_CONNECTIONS, "database connections: max, open, idle");
+    describe_gauge!(POOL_WAITING, "calls waiting for a database connection");
+    describe_histogram!(
+        POOL_WAIT,
+        Unit::Seconds,
+        "time a call waited for a database connection"
+    );
+    describe_counter!(DB_ERRORS, "failed database calls, by kind");
+    describe_counter!(
+        RECONCILIATION_FOUND,
+        "users whose counter disagreed with their ledger"
+    );
+    describe_counter!(RECONCILIATION_FIXED, "users whose counter was corrected");
+    describe_gauge!(HEALTH_SERVING, "1 while the database answers, else 0");
+}

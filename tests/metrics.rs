@@ -1,0 +1,287 @@
+//! The Prometheus endpoint: every counter moves by exactly what the calls did.
+//!
+//! The recorder is process-wide, so the tests of this file run one at a time
+//! and compare scrapes taken before and after their calls.
+
+mod common;
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use common::{eventually, proxy::Proxy, url_with_database, TestDb, TestServer};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::Mutex,
+};
+use tonic::Code;
+use usage_service::{
+    proto::{GetRequest, ReleaseRequest, ReserveRequest},
+    store,
+};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+const RESERVE: &str = "/usage.v1.UsageService/Reserve";
+const RELEASE: &str = "/usage.v1.UsageService/Release";
+const GET: &str = "/usage.v1.UsageService/Get";
+
+fn reserve(user: &str, product: &str) -> ReserveRequest {
+    ReserveRequest {
+        user_id: user.into(),
+        product_id: product.into(),
+        ..Default::default()
+    }
+}
+
+fn release(user: &str, product: &str) -> ReleaseRequest {
+    ReleaseRequest {
+        user_id: user.into(),
+        product_id: product.into(),
+        ..Default::default()
+    }
+}
+
+/// A loopback address nothing listens on right now.
+fn free_addr() -> SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+    probe.local_addr().expect("a bound address")
+}
+
+/// The text of `GET /metrics`, after checking the response is a 200.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connecting to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .expect("sending the scrape request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("reading the scrape response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("an HTTP response with a body");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The `host:port` of a `postgres://user@host:port/db` URL.
+fn database_host_port(url: &str) -> &str {
+    let (_, rest) = url.split_once("://").expect("a postgres:// URL");
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    rest.split(['/', '?'])
+        .next()
+        .expect("split yields at least one part")
+}
+
+/// Parsed samples: (name, labels) -> value.
+struct Samples(BTreeMap<(String, BTreeMap<String, String>), f64>);
+
+impl Samples {
+    fn parse(text: &str) -> Self {
+        let mut samples = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').expect("a label pair");
+                    (key.to_owned(), value.trim_matches('"').to_owned())
+                })
+                .collect();
+            let value = value.parse().expect("a numeric sample");
+            samples.insert((name.to_owned(), labels), value);
+        }
+        Self(samples)
+    }
+
+    /// The sample with exactly these labels; 0 when absent (never recorded).
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.0
+            .get(&(name.to_owned(), labels))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
+
+/// How far each sample moved between two scrapes.
+struct Delta {
+    before: Samples,
+    after: Samples,
+}
+
+impl Delta {
+    fn of(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.after.get(name, labels) - self.before.get(name, labels)
+    }
+}
+
+/// Requests by RPC and code, their latency counts, and slots reserved,
+/// released and refused by feature and tier move by exactly the calls made;
+/// the pool and health gauges describe the running server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_by_exactly_the_calls_made() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let metrics_addr = free_addr();
+    let server = TestServer::start_configured(|o| o.metrics_addr = Some(metrics_addr)).await;
+    let mut client = server.client().await;
+    server
+        .sql()
+        .await
+        .batch_execute(
+            "INSERT INTO user_tier_features (user_id, feature_name, tier, usage_limit)
+             VALUES ('bob', 'product_slot', 'premium', NULL)",
+        )
+        .await
+        .expect("making bob premium");
+    let before = Samples::parse(&scrape(metrics_addr).await);
+
+    // 50 slots for a Free user, then its 51st refused twice.
+    for i in 0..50 {
+        client
+            .reserve(reserve("alice", &format!("p{i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let refused = client.reserve(reserve("alice", "p50")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+    }
+    // Neither an already held product nor a release of nothing moves a slot.
+    client.reserve(reserve("alice", "p0")).await.unwrap();
+    client.release(release("alice", "p1")).await.unwrap();
+    client.release(release("alice", "p2")).await.unwrap();
+    client.release(release("alice", "never")).await.unwrap();
+    // One premium slot, one invalid request, one read.
+    client.reserve(reserve("bob", "p0")).await.unwrap();
+    let invalid = client.reserve(reserve("", "p0")).await.unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    client
+        .get(GetRequest {
+            user_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let after = Samples::parse(&scrape(metrics_addr).await);
+    let delta = Delta { before, after };
+    let free = [("feature", "product_slot"), ("tier", "free")];
+    let premium = [("feature", "product_slot"), ("tier", "premium")];
+    assert_eq!(delta.of("usage_slots_reserved_total", &free), 50.0);
+    assert_eq!(delta.of("usage_slots_reserved_total", &premium), 1.0);
+    assert_eq!(delta.of("usage_slots_refused_total", &free), 2.0);
+    assert_eq!(delta.of("usage_slots_released_total", &free), 2.0);
+
+    let requests = "usage_grpc_requests_total";
+    assert_eq!(
+        delta.of(requests, &[("rpc", RESERVE), ("code", "OK")]),
+        52.0
+    );
+    assert_eq!(
+        delta.of(
+            requests,
+            &[("rpc", RESERVE), ("code", "RESOURCE_EXHAUSTED")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        delta.of(requests, &[("rpc", RESERVE), ("code", "INVALID_ARGUMENT")]),
+        1.0
+    );
+    assert_eq!(delta.of(requests, &[("rpc", RELEASE), ("code", "OK")]), 3.0);
+    assert_eq!(delta.of(requests, &[("rpc", GET), ("code", "OK")]), 1.0);
+    let latency_count = "usage_grpc_request_duration_seconds_count";
+    assert_eq!(delta.of(latency_count, &[("rpc", RESERVE)]), 55.0);
+    assert_eq!(delta.of(latency_count, &[("rpc", RELEASE)]), 3.0);
+    // Every call that reached the store waited for a connection once.
+    assert_eq!(delta.of("usage_db_pool_wait_seconds_count", &[]), 58.0);
+    for kind in ["unavailable", "database", "unexpected_outcome"] {
+        assert_eq!(delta.of("usage_db_errors_total", &[("kind", kind)]), 0.0);
+    }
+
+    let now = &delta.after;
+    assert_eq!(now.get("usage_health_serving", &[]), 1.0);
+    assert_eq!(
+        now.get("usage_db_pool_connections", &[("state", "max")]),
+        16.0
+    );
+    let open = now.get("usage_db_pool_connections", &[("state", "open")]);
+    assert!(open >= 1.0, "at least one connection is open, got {open}");
+    assert_eq!(now.get("usage_db_pool_waiting", &[]), 0.0);
+
+    server.assert_invariants().await;
+    server.stop().await;
+}
+
+/// With the database gone, each failed call counts one `unavailable` error
+/// and health drops to 0; it returns to 1 when the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_and_health_are_counted() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let db = TestDb::create().await;
+    let pool = store::connect_pool(&db.args()).expect("building the pool");
+    store::migrate::run(&pool).await.expect("migrating");
+    pool.close();
+    let admin = common::admin_url();
+    let upstream = database_host_port(&admin);
+    let upstream_addr = tokio::net::lookup_host(upstream)
+        .await
+        .expect("resolving the database host")
+        .next()
+        .expect("an address for the database host");
+    let proxy = Proxy::start(upstream_addr).await;
+    let mut args = db.args();
+    args.database_url = url_with_database(
+        &admin.replacen(upstream, &proxy.addr.to_string(), 1),
+        &db.name,
+    );
+    args.db_pool_wait_timeout = Duration::from_millis(500);
+    args.db_connect_timeout = Duration::from_millis(500);
+    let metrics_addr = free_addr();
+    let server = TestServer::start_on(db, args, |o| o.metrics_addr = Some(metrics_addr)).await;
+    let mut client = server.client().await;
+    client.reserve(reserve("carol", "p0")).await.unwrap();
+
+    proxy.down();
+    eventually(Duration::from_secs(10), "health to drop to 0", || async {
+        Samples::parse(&scrape(metrics_addr).await).get("usage_health_serving", &[]) == 0.0
+    })
+    .await;
+    let before = Samples::parse(&scrape(metrics_addr).await);
+    for product in ["p1", "p2", "p3"] {
+        let failed = client.reserve(reserve("carol", product)).await.unwrap_err();
+        assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    }
+    let after = Samples::parse(&scrape(metrics_addr).await);
+    let delta = Delta { before, after };
+    let unavailable = [("kind", "unavailable")];
+    assert_eq!(delta.of("usage_db_errors_total", &unavailable), 3.0);
+    let failed_calls = [("rpc", RESERVE), ("code", "UNAVAILABLE")];
+    assert_eq!(delta.of("usage_grpc_requests_total", &failed_calls), 3.0);
+
+    proxy.up();
+    eventually(Duration::from_secs(10), "health to return to 1", || async {
+        Samples::parse(&scrape(metrics_addr).await).get("usage_health_serving", &[]) == 1.0
+    })
+    .await;
+    server.stop().await;
+}
