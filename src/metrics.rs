@@ -12,6 +12,7 @@
 //! | `usage_slots_reserved_total` | counter | `feature`, `tier` |
 //! | `usage_slots_released_total` | counter | `feature`, `tier` |
 //! | `usage_slots_refused_total` | counter | `feature`, `tier` |
+//! | `usage_holds_expired_total` | counter | |
 //! | `usage_db_pool_connections` | gauge | `state` (`max`, `open`, `idle`) |
 //! | `usage_db_pool_waiting` | gauge | |
 //! | `usage_db_pool_wait_seconds` | histogram | |
@@ -40,6 +41,8 @@ pub const SLOTS_RESERVED: &str = "usage_slots_reserved_total";
 pub const SLOTS_RELEASED: &str = "usage_slots_released_total";
 /// Reserves refused at the limit, by feature and tier.
 pub const SLOTS_REFUSED: &str = "usage_slots_refused_total";
+/// Holds the sweep freed because nobody confirmed them in time.
+pub const HOLDS_EXPIRED: &str = "usage_holds_expired_total";
 /// Connections of the pool: `max`, `open` and `idle`.
 pub const POOL_CONNECTIONS: &str = "usage_db_pool_connections";
 /// Calls waiting for a free connection.
@@ -48,9 +51,10 @@ pub const POOL_WAITING: &str = "usage_db_pool_waiting";
 pub const POOL_WAIT: &str = "usage_db_pool_wait_seconds";
 /// Failed database calls, by kind.
 pub const DB_ERRORS: &str = "usage_db_errors_total";
-/// Users whose counter disagreed with their ledger when reconciliation ran.
+/// Drift reconciliation found: slots missing or orphaned, plus counters that
+/// disagreed with their ledger (dry runs included).
 pub const RECONCILIATION_FOUND: &str = "usage_reconciliation_drift_found_total";
-/// Users whose counter reconciliation corrected.
+/// Drift reconciliation corrected, in the same units.
 pub const RECONCILIATION_FIXED: &str = "usage_reconciliation_drift_fixed_total";
 /// 1 while the health service reports `SERVING`, else 0.
 pub const HEALTH_SERVING: &str = "usage_health_serving";
@@ -142,19 +146,27 @@ pub fn record_request(rpc: String, code: &'static str, elapsed: Duration) {
     ::metrics::counter!(GRPC_REQUESTS, "rpc" => rpc, "code" => code).increment(1);
 }
 
-/// A Reserve took a slot; `usage` is the user's usage after it.
-pub fn record_reserved(usage: &Usage) {
-    slot_counter(SLOTS_RESERVED, usage).increment(1);
+/// A call took `slots` slots (Reserve, ReserveMany, a Confirm that reserved
+/// again); `usage` is the user's usage after it.
+pub fn record_reserved(usage: &Usage, slots: u64) {
+    slot_counter(SLOTS_RESERVED, usage).increment(slots);
 }
 
-/// A Release freed a slot; `usage` is the user's usage after it.
-pub fn record_released(usage: &Usage) {
-    slot_counter(SLOTS_RELEASED, usage).increment(1);
+/// A call freed `slots` slots (Release, ReleaseMany); `usage` is the user's
+/// usage after it.
+pub fn record_released(usage: &Usage, slots: u64) {
+    slot_counter(SLOTS_RELEASED, usage).increment(slots);
 }
 
-/// A Reserve was refused at the limit.
+/// A call that would have taken slots was refused at the limit (one count
+/// per call, however many slots it asked for).
 pub fn record_refused(usage: &Usage) {
     slot_counter(SLOTS_REFUSED, usage).increment(1);
+}
+
+/// The hold sweep freed `holds` holds nobody confirmed in time.
+pub fn record_holds_expired(holds: u64) {
+    ::metrics::counter!(HOLDS_EXPIRED).increment(holds);
 }
 
 fn slot_counter(name: &'static str, usage: &Usage) -> ::metrics::Counter {
@@ -172,8 +184,8 @@ pub fn record_database_error(kind: &'static str) {
     ::metrics::counter!(DB_ERRORS, "kind" => kind).increment(1);
 }
 
-/// One reconciliation pass found `found` users whose counter disagreed with
-/// their ledger and corrected `fixed` of them.
+/// Reconciliation of one user found `found` units of drift (slots to add or
+/// remove, a counter to correct) and corrected `fixed` of them.
 pub fn record_reconciliation(found: u64, fixed: u64) {
     ::metrics::counter!(RECONCILIATION_FOUND).increment(found);
     ::metrics::counter!(RECONCILIATION_FIXED).increment(fixed);
@@ -197,6 +209,10 @@ fn describe() {
     describe_counter!(SLOTS_RESERVED, "slots taken by Reserve");
     describe_counter!(SLOTS_RELEASED, "slots freed by Release");
     describe_counter!(SLOTS_REFUSED, "Reserve calls refused at the limit");
+    describe_counter!(
+        HOLDS_EXPIRED,
+        "holds freed by the sweep, unconfirmed in time"
+    );
     describe_gauge!(POOL_CONNECTIONS, "database connections: max, open, idle");
     describe_gauge!(POOL_WAITING, "calls waiting for a database connection");
     describe_histogram!(
@@ -207,8 +223,8 @@ fn describe() {
     describe_counter!(DB_ERRORS, "failed database calls, by kind");
     describe_counter!(
         RECONCILIATION_FOUND,
-        "users whose counter disagreed with their ledger"
+        "drift found by reconciliation: slots to add or remove, counters to correct"
     );
-    describe_counter!(RECONCILIATION_FIXED, "users whose counter was corrected");
+    describe_counter!(RECONCILIATION_FIXED, "drift corrected by reconciliation");
     describe_gauge!(HEALTH_SERVING, "1 while the database answers, else 0");
 }

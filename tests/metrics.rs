@@ -7,7 +7,12 @@ mod common;
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use common::{eventually, proxy::Proxy, url_with_database, TestDb, TestServer};
+use common::{
+    catalogue::{reconciler, FIXTURE},
+    eventually,
+    proxy::Proxy,
+    url_with_database, TestDb, TestServer,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -15,7 +20,7 @@ use tokio::{
 };
 use tonic::Code;
 use usage_service::{
-    proto::{GetRequest, ReleaseRequest, ReserveRequest},
+    proto::{GetRequest, ReleaseManyRequest, ReleaseRequest, ReserveManyRequest, ReserveRequest},
     store,
 };
 
@@ -170,8 +175,25 @@ async fn counters_move_by_exactly_the_calls_made() {
     client.release(release("alice", "p1")).await.unwrap();
     client.release(release("alice", "p2")).await.unwrap();
     client.release(release("alice", "never")).await.unwrap();
-    // One premium slot, one invalid request, one read.
+    // One premium slot, three more in bulk and two of them released in bulk
+    // (the third product named holds nothing), one invalid request, one read.
     client.reserve(reserve("bob", "p0")).await.unwrap();
+    client
+        .reserve_many(ReserveManyRequest {
+            user_id: "bob".into(),
+            product_ids: vec!["m1".into(), "m2".into(), "m3".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .release_many(ReleaseManyRequest {
+            user_id: "bob".into(),
+            product_ids: vec!["m1".into(), "m2".into(), "never".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let invalid = client.reserve(reserve("", "p0")).await.unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
     client
@@ -187,7 +209,8 @@ async fn counters_move_by_exactly_the_calls_made() {
     let free = [("feature", "product_slot"), ("tier", "free")];
     let premium = [("feature", "product_slot"), ("tier", "premium")];
     assert_eq!(delta.of("usage_slots_reserved_total", &free), 50.0);
-    assert_eq!(delta.of("usage_slots_reserved_total", &premium), 1.0);
+    assert_eq!(delta.of("usage_slots_reserved_total", &premium), 4.0);
+    assert_eq!(delta.of("usage_slots_released_total", &premium), 2.0);
     assert_eq!(delta.of("usage_slots_refused_total", &free), 2.0);
     assert_eq!(delta.of("usage_slots_released_total", &free), 2.0);
 
@@ -213,7 +236,7 @@ async fn counters_move_by_exactly_the_calls_made() {
     assert_eq!(delta.of(latency_count, &[("rpc", RESERVE)]), 55.0);
     assert_eq!(delta.of(latency_count, &[("rpc", RELEASE)]), 3.0);
     // Every call that reached the store waited for a connection once.
-    assert_eq!(delta.of("usage_db_pool_wait_seconds_count", &[]), 58.0);
+    assert_eq!(delta.of("usage_db_pool_wait_seconds_count", &[]), 60.0);
     for kind in ["unavailable", "database", "unexpected_outcome"] {
         assert_eq!(delta.of("usage_db_errors_total", &[("kind", kind)]), 0.0);
     }
@@ -283,5 +306,50 @@ async fn database_errors_and_health_are_counted() {
         Samples::parse(&scrape(metrics_addr).await).get("usage_health_serving", &[]) == 1.0
     })
     .await;
+    server.stop().await;
+}
+
+/// Reconciliation counts the drift it finds, dry runs included, and the
+/// drift it corrects: two live products without a slot and one slot without
+/// a product are three units found by the dry run and three found and fixed
+/// by the real pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_drift_is_counted() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let metrics_addr = free_addr();
+    let server = TestServer::start_configured(|o| o.metrics_addr = Some(metrics_addr)).await;
+    let sql = server.sql().await;
+    sql.batch_execute(FIXTURE)
+        .await
+        .expect("creating the catalogue");
+    sql.batch_execute("INSERT INTO products (id, user_id) VALUES (1, 'ann'), (2, 'ann')")
+        .await
+        .expect("adding products without slots");
+    let mut client = server.client().await;
+    client
+        .reserve(reserve("ben", "no-such-product"))
+        .await
+        .unwrap();
+    let reconciler = reconciler(&server, Duration::ZERO).await;
+    let found = "usage_reconciliation_drift_found_total";
+    let fixed = "usage_reconciliation_drift_fixed_total";
+
+    let before = Samples::parse(&scrape(metrics_addr).await);
+    let dry = reconciler.all(true, None).await.expect("a dry run");
+    assert_eq!(dry.drift(), 3);
+    let after = Samples::parse(&scrape(metrics_addr).await);
+    let delta = Delta { before, after };
+    assert_eq!(delta.of(found, &[]), 3.0);
+    assert_eq!(delta.of(fixed, &[]), 0.0);
+
+    let before = delta.after;
+    let real = reconciler.all(false, None).await.expect("a pass");
+    assert_eq!(real.drift(), 3);
+    let after = Samples::parse(&scrape(metrics_addr).await);
+    let delta = Delta { before, after };
+    assert_eq!(delta.of(found, &[]), 3.0);
+    assert_eq!(delta.of(fixed, &[]), 3.0);
+
+    server.assert_invariants().await;
     server.stop().await;
 }

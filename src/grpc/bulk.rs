@@ -12,7 +12,7 @@ use super::{
     validate::{self, Violations},
 };
 use crate::{
-    proto,
+    metrics, proto,
     usage::{ConfirmOutcome, ReserveManyOutcome, Usage, MAX_BULK_PRODUCTS},
 };
 
@@ -96,6 +96,7 @@ impl UsageApi {
                 reserved,
                 already_held,
             } => {
+                metrics::record_reserved(&usage, reserved.len() as u64);
                 info!(
                     user_id,
                     feature,
@@ -114,6 +115,7 @@ impl UsageApi {
                 requested,
                 available,
             } => {
+                metrics::record_refused(&usage);
                 info!(
                     user_id,
                     feature, requested, available, "bulk reservation refused at limit"
@@ -140,6 +142,7 @@ impl UsageApi {
             .release_many(user_id, &feature, ids, &caller)
             .await
             .map_err(status::from_store)?;
+        metrics::record_released(&outcome.usage, outcome.released.len() as u64);
         info!(
             user_id,
             feature,
@@ -173,8 +176,14 @@ impl UsageApi {
             .map_err(status::from_store)?;
         let (usage, re_reserved) = match outcome {
             ConfirmOutcome::Confirmed(usage) => (usage, false),
-            ConfirmOutcome::ReReserved(usage) => (usage, true),
-            ConfirmOutcome::Denied(usage) => return Err(status::limit_reached(&usage)),
+            ConfirmOutcome::ReReserved(usage) => {
+                metrics::record_reserved(&usage, 1);
+                (usage, true)
+            }
+            ConfirmOutcome::Denied(usage) => {
+                metrics::record_refused(&usage);
+                return Err(status::limit_reached(&usage));
+            }
         };
         info!(
             user_id,

@@ -117,7 +117,7 @@ impl UsageService for UsageApi {
 
         let (usage, already_held) = match outcome {
             ReserveOutcome::Reserved(usage) => {
-                metrics::record_reserved(&usage);
+                metrics::record_reserved(&usage, 1);
                 info!(%action, delta = 1, usage = usage.current_usage, tier = %usage.tier, "slot reserved");
                 (usage, false)
             }
@@ -160,7 +160,7 @@ impl UsageService for UsageApi {
 
         let (usage, was_held) = match outcome {
             ReleaseOutcome::Released(usage) => {
-                metrics::record_released(&usage);
+                metrics::record_released(&usage, 1);
                 info!(delta = -1, usage = usage.current_usage, tier = %usage.tier, "slot released");
                 (usage, true)
             }

@@ -27,6 +27,7 @@ pub async fn sweep_expired_holds(
         match store.expire_holds(USERS_PER_ROUND).await {
             Ok(0) => {}
             Ok(freed) => {
+                crate::metrics::record_holds_expired(u64::try_from(freed).unwrap_or(0));
                 info!(freed, "expired holds freed");
                 continue;
             }

@@ -65,6 +65,24 @@ fn server_message(err: &tokio_postgres::Error) -> String {
     })
 }
 
+/// True when `err` says the connection itself is gone (closed by the server,
+/// the network, or an administrator's `pg_terminate_backend`), as opposed to a
+/// statement that failed on a working connection.
+pub(crate) fn is_broken_connection(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        // No SQLSTATE: the error came from the socket, not from a statement.
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+        }
+    }
+}
+
 /// Connection failures and the errors PostgreSQL raises when it goes away, is
 /// shutting down, cancels a statement or breaks a lock cycle: nothing was
 /// committed, and the same call can succeed later.

@@ -169,14 +169,44 @@ impl Store {
         statements::query(client, self.statements, sql, params).await
     }
 
-    /// Like [`Store::query`], for a statement returning exactly one row.
-    pub(crate) async fn query_one(
+    /// Runs a statement that may safely be sent twice, on a pooled
+    /// connection.
+    ///
+    /// A connection that PostgreSQL closed while it sat idle in the pool (a
+    /// restart, an administrator's `pg_terminate_backend`) is only found out
+    /// when a statement is sent on it. The connection is then thrown away and
+    /// the statement sent once more on a new one, so that the first calls
+    /// after such an event do not fail for nothing. Only Reserve, Release and
+    /// Get come this way: a product holds at most one slot, so if the first
+    /// attempt did reach the database, the second finds its slot (Reserve
+    /// answers `already_held`, Release `was_held = false`) and changes nothing.
+    /// The one trace such a repeat can leave is a second `denied` audit row
+    /// for a refusal.
+    async fn query_repeatable(
         &self,
-        client: &deadpool_postgres::Client,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.connection().await?;
+        match statements::query_unclassified(&client, self.statements, sql, params).await {
+            Err(err) if error::is_broken_connection(&err) => {
+                tracing::debug!(cause = %err, "pooled connection was broken; sending again");
+                drop(Object::take(client));
+                let client = self.connection().await?;
+                self.query(&client, sql, params).await
+            }
+            result => Ok(result?),
+        }
+    }
+
+    /// Like [`Store::query_repeatable`], for a statement returning exactly
+    /// one row.
+    async fn query_one_repeatable(
+        &self,
         sql: &str,
         params: &[statements::Param<'_>],
     ) -> Result<Row, StoreError> {
-        statements::query_one(client, self.statements, sql, params).await
+        statements::exactly_one(self.query_repeatable(sql, params).await?)
     }
 
     /// The pool, for health checks and background jobs.
@@ -213,10 +243,8 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
         let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
-        let client = self.connection().await?;
         let row = self
-            .query_one(
-                &client,
+            .query_one_repeatable(
                 sql::RESERVE,
                 &[
                     (&user_id, Type::TEXT),
@@ -249,10 +277,8 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
-        let client = self.connection().await?;
         let row = self
-            .query_one(
-                &client,
+            .query_one_repeatable(
                 sql::RELEASE,
                 &[
                     (&user_id, Type::TEXT),
@@ -278,13 +304,8 @@ impl Store {
     /// feature's default tier.
     pub async fn get(&self, user_id: &str, feature: &str) -> Result<Usage, StoreError> {
         let _turn = self.read_turn().await;
-        let client = self.connection().await?;
         let row = self
-            .query(
-                &client,
-                sql::GET,
-                &[(&user_id, Type::TEXT), (&feature, Type::TEXT)],
-            )
+            .query_repeatable(sql::GET, &[(&user_id, Type::TEXT), (&feature, Type::TEXT)])
             .await?
             .into_iter()
             .next()

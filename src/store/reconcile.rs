@@ -171,6 +171,7 @@ impl Reconciler {
             return Ok(());
         }
         if dry_run {
+            crate::metrics::record_reconciliation(proposed.drift(), 0);
             report.record(proposed);
             return Ok(());
         }
@@ -185,6 +186,7 @@ impl Reconciler {
         tx.commit().await?;
 
         for repair in &repairs {
+            crate::metrics::record_reconciliation(repair.drift(), repair.drift());
             if repair.is_needed() {
                 info!(
                     user_id = %repair.user_id,

@@ -37,25 +37,30 @@ pub(crate) async fn query(
     sql: &str,
     params: &[Param<'_>],
 ) -> Result<Vec<Row>, StoreError> {
+    Ok(query_unclassified(client, mode, sql, params).await?)
+}
+
+/// Like [`query`], with the driver's error as it is, for callers that look at
+/// it before it is classified.
+pub(crate) async fn query_unclassified(
+    client: &Client,
+    mode: StatementMode,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
     match mode {
         StatementMode::Prepared => {
             let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
             let statement = client.prepare_typed_cached(sql, &types).await?;
             let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-            Ok(client.query(&statement, &values).await?)
+            client.query(&statement, &values).await
         }
-        StatementMode::Unnamed => Ok(client.query_typed(sql, params).await?),
+        StatementMode::Unnamed => client.query_typed(sql, params).await,
     }
 }
 
-/// Like [`query`], for a statement that returns exactly one row.
-pub(crate) async fn query_one(
-    client: &Client,
-    mode: StatementMode,
-    sql: &str,
-    params: &[Param<'_>],
-) -> Result<Row, StoreError> {
-    let mut rows = query(client, mode, sql, params).await?;
+/// The one row of a statement that returns exactly one.
+pub(crate) fn exactly_one(mut rows: Vec<Row>) -> Result<Row, StoreError> {
     match rows.len() {
         1 => Ok(rows.remove(0)),
         n => Err(StoreError::UnexpectedOutcome(format!(

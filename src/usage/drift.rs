@@ -102,6 +102,12 @@ impl Repair {
         self.usage_before != self.slots_before
     }
 
+    /// How much drift this repair corrects: slots added and removed plus one
+    /// for a wrong counter, the unit of [`DriftReport::drift`].
+    pub fn drift(&self) -> u64 {
+        (self.add.len() + self.remove.len()) as u64 + u64::from(self.counter_wrong())
+    }
+
     /// True when the user holds more than its limit after the repair. Such a
     /// user keeps every slot, exactly as after a downgrade.
     pub fn over_limit(&self) -> bool {

@@ -27,6 +27,7 @@ impl ServerProcess {
             .arg("serve")
             .env("DATABASE_URL", database_url)
             .env("USAGE_LISTEN_ADDR", "127.0.0.1:0")
+            .env("USAGE_METRICS_ADDR", "127.0.0.1:0")
             .env("USAGE_NO_MIGRATE", "true")
             .env("USAGE_AUTH", "none")
             .env("USAGE_NO_CATALOGUE", "true")
