@@ -33,6 +33,7 @@ EXTRAS=${EXTRAS:-1}
 HALF_RATE_SCENARIOS=${HALF_RATE_SCENARIOS:-spread get}
 SERVICE_ARGS=${SERVICE_ARGS:-}
 USERS=100000
+BENCH_ACTOR=usage-bench
 GRPC_ADDR=127.0.0.1:50071
 METRICS_ADDR=127.0.0.1:9191
 
@@ -70,12 +71,13 @@ statement() {
     printf '%s;\n' "$sql"
 }
 
-# The pgbench script of a scenario. The audit actor is NULL as for an
-# unauthenticated call; the product id doubles as the request id.
+# The pgbench script of a scenario. The audit actor is the bench token's
+# subject, as the service records it; the product id doubles as the request
+# id; no hold (a permanent slot).
 script() {
     local reserve release
-    reserve=$(statement reserve :uid :feature :pid :action NULL :pid)
-    release=$(statement release :uid :feature :pid NULL :pid)
+    reserve=$(statement reserve :uid :feature :pid :action :actor :pid NULL)
+    release=$(statement release :uid :feature :pid :actor :pid)
     case $1 in
         spread) printf '\\set uid random(1, %d)\n\\set pid random(1, 1000000000000)\n%s\n%s\n' \
             "$USERS" "$reserve" "$release" ;;
@@ -99,7 +101,8 @@ pgbench_point() {
     local scenario=$1 clients=$2 threads=$(($2 < 2 ? $2 : 2))
     local log="$WORK/log-$scenario-$clients"
     pgbench -n -M prepared -c "$clients" -j "$threads" -T "$SECONDS_PER_POINT" \
-        -D feature=product_slot -D action=reserve -D uid="$(fixed_user "$scenario")" \
+        -D feature=product_slot -D action=reserve -D actor="$BENCH_ACTOR" \
+        -D uid="$(fixed_user "$scenario")" \
         -f "$WORK/$scenario.pgbench" -l --log-prefix="$log" "$DB_URL" \
         >"$WORK/pgbench.out" 2>&1 || { cat "$WORK/pgbench.out" >&2; exit 1; }
     local tps p99
@@ -137,10 +140,14 @@ psql -At "$DB_URL" -c "SELECT 'postgres ' || current_setting('server_version') \
     || ', fsync=' || current_setting('fsync') \
     || ', wal_sync_method=' || current_setting('wal_sync_method')" >&2
 
-say "starting the service"
+say "starting the service (authentication on, with a secret for this run)"
+USAGE_AUTH_JWT_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
+export USAGE_AUTH_JWT_SECRET
+USAGE_BENCH_TOKEN=$(target/release/usage-service token --role service --sub "$BENCH_ACTOR" --ttl 12h)
+export USAGE_BENCH_TOKEN
 # shellcheck disable=SC2086 # SERVICE_ARGS is a list of flags
 target/release/usage-service --database-url "$DB_URL" --listen-addr "$GRPC_ADDR" \
-    --metrics-addr "$METRICS_ADDR" $SERVICE_ARGS >"$WORK/service.log" 2>&1 &
+    --metrics-addr "$METRICS_ADDR" --no-catalogue $SERVICE_ARGS >"$WORK/service.log" 2>&1 &
 SERVICE_PID=$!
 for _ in $(seq 100); do
     (echo >"/dev/tcp/${GRPC_ADDR%:*}/${GRPC_ADDR#*:}") 2>/dev/null && break

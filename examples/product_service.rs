@@ -12,9 +12,13 @@
 //! and a crash in between leaves at worst a slot without a product: the
 //! reconciliation releases it once it is older than the grace period.
 //!
+//! Every call carries the product service's bearer token (role `service`)
+//! and an `x-request-id` naming the operation, which the audit trail keeps.
+//!
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
 //! USAGE_ADDR=http://127.0.0.1:50051 \
+//! USAGE_TOKEN=$(usage-service token --role service --sub catalogue) \
 //!   cargo run --example product_service -- create alice "red bike"
 //! ... -- delete alice 42
 //! ... -- restore alice 42
@@ -22,7 +26,11 @@
 //!
 //! The catalogue's schema is `tests/fixtures/catalogue.sql`.
 
-use tonic::{transport::Channel, Code, Status};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::Channel,
+    Code, Request, Status,
+};
 use usage_service::proto::{
     usage_service_client::UsageServiceClient, ReleaseRequest, ReserveAction, ReserveRequest,
 };
@@ -73,12 +81,39 @@ impl From<Status> for ProductError {
 pub struct ProductService {
     db: tokio_postgres::Client,
     usage: UsageServiceClient<Channel>,
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl ProductService {
     /// A service over an open catalogue connection and usage client.
     pub fn new(db: tokio_postgres::Client, usage: UsageServiceClient<Channel>) -> Self {
-        Self { db, usage }
+        Self {
+            db,
+            usage,
+            authorization: None,
+        }
+    }
+
+    /// The same service, presenting `token` on every call.
+    pub fn with_token(self, token: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        Ok(Self {
+            authorization: Some(format!("Bearer {token}").parse()?),
+            ..self
+        })
+    }
+
+    /// A request with the token and a request id saying what it is for.
+    fn request<T>(&self, message: T, request_id: String) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Ok(value) = request_id.parse() {
+            request.metadata_mut().insert("x-request-id", value);
+        }
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
+        request
     }
 
     /// Creates a product for `user_id` and returns its id.
@@ -159,27 +194,33 @@ impl ProductService {
         id: i64,
         action: ReserveAction,
     ) -> Result<bool, ProductError> {
-        let response = self
-            .usage
-            .reserve(ReserveRequest {
+        let request = self.request(
+            ReserveRequest {
                 user_id: user_id.to_owned(),
                 product_id: id.to_string(),
                 feature: String::new(),
                 action: action.into(),
                 hold_ttl: None,
-            })
-            .await?;
+            },
+            match action {
+                ReserveAction::Restore => format!("catalogue-restore-{id}"),
+                _ => format!("catalogue-create-{id}"),
+            },
+        );
+        let response = self.usage.reserve(request).await?;
         Ok(response.into_inner().already_held)
     }
 
     async fn release(&mut self, user_id: &str, id: i64) -> Result<(), ProductError> {
-        self.usage
-            .release(ReleaseRequest {
+        let request = self.request(
+            ReleaseRequest {
                 user_id: user_id.to_owned(),
                 product_id: id.to_string(),
                 feature: String::new(),
-            })
-            .await?;
+            },
+            format!("catalogue-release-{id}"),
+        );
+        self.usage.release(request).await?;
         Ok(())
     }
 }
@@ -196,6 +237,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(connection);
     let usage = UsageServiceClient::connect(usage_addr).await?;
     let mut service = ProductService::new(db, usage);
+    if let Ok(token) = std::env::var("USAGE_TOKEN") {
+        service = service.with_token(&token)?;
+    }
 
     let parse_id = |s: &str| {
         s.parse::<i64>()

@@ -12,6 +12,21 @@ export DATABASE_URL=$PG_URL
 
 cargo build --release --bin usage-service
 
+# Reconciliation and the example product service work on the catalogue's
+# products table. A database that has none (a fresh machine, a throwaway
+# cluster) gets the example catalogue's empty table, so that the service
+# starts with every feature on. Naming another table or --no-catalogue, in
+# the environment or as an argument, skips this.
+catalogue_configured=${USAGE_PRODUCTS_TABLE:-${USAGE_NO_CATALOGUE:-}}
+for arg in "$@"; do
+    case $arg in --products-table* | --no-catalogue) catalogue_configured=yes ;; esac
+done
+if [ -z "$catalogue_configured" ] \
+    && [ "$(psql "$PG_URL" -Atqc "SELECT to_regclass('products') IS NULL")" = t ]; then
+    pg_log "no products table: creating the example catalogue's (tests/fixtures/catalogue.sql)"
+    psql "$PG_URL" -q -v ON_ERROR_STOP=1 -f tests/fixtures/catalogue.sql
+fi
+
 # Authentication is on by default. Without a configured key, make a secret
 # for this run only, and print it with an admin token to try the API.
 if [ "${USAGE_AUTH:-jwt}" != none ] && [ -z "${USAGE_AUTH_JWT_SECRET:-}" ] \
@@ -20,7 +35,8 @@ if [ "${USAGE_AUTH:-jwt}" != none ] && [ -z "${USAGE_AUTH_JWT_SECRET:-}" ] \
     export USAGE_AUTH_JWT_SECRET
     admin_token=$(target/release/usage-service token --role admin --sub developer --ttl 12h)
     pg_log "development JWT secret for this run: $USAGE_AUTH_JWT_SECRET"
-    pg_log "admin token (12h): $admin_token"
+    pg_log "admin token (12h), for grpcurl and the example product service:"
+    pg_log "  export TOKEN=$admin_token"
     pg_log "try: grpcurl -plaintext -H \"authorization: Bearer \$TOKEN\" -d '{\"user_id\":\"alice\"}' localhost:50051 usage.v1.UsageService/Get"
 fi
 exec_args=(serve "$@")
