@@ -99,6 +99,7 @@ impl Store {
         action: ReserveAction,
         caller: &Caller,
     ) -> Result<ReserveManyOutcome, StoreError> {
+        let _turn = self.write_turn(user_id, feature).await?;
         let client = self.connection().await?;
         let statement = client.prepare_cached(sql::RESERVE_MANY).await?;
         let row = client
@@ -140,6 +141,7 @@ impl Store {
         product_ids: &[String],
         caller: &Caller,
     ) -> Result<ReleaseManyOutcome, StoreError> {
+        let _turn = self.write_turn(user_id, feature).await?;
         let client = self.connection().await?;
         let statement = client.prepare_cached(sql::RELEASE_MANY).await?;
         let row = client
@@ -176,6 +178,7 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ConfirmOutcome, StoreError> {
+        let _turn = self.write_turn(user_id, feature).await?;
         let client = self.connection().await?;
         let statement = client.prepare_cached(sql::CONFIRM).await?;
         let row = client

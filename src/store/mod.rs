@@ -17,6 +17,7 @@ pub mod migrate;
 mod pool;
 pub mod reconcile;
 mod statements;
+mod turns;
 
 use std::{sync::Arc, time::Instant};
 
@@ -133,11 +134,15 @@ pub struct Discrepancy {
 /// one flush makes durable. Reads (Get, ListAll) only use the CPUs, so at most
 /// [`reads_in_flight`] of them run at once; more would only make PostgreSQL
 /// switch between them, and would take connections the writes can use.
+///
+/// Writes for one user and feature go to PostgreSQL one at a time from this
+/// process ([`turns::UserTurns`]); see there for why.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
     statements: StatementMode,
     reads: Arc<Semaphore>,
+    turns: Arc<turns::UserTurns>,
 }
 
 impl Store {
@@ -148,6 +153,7 @@ impl Store {
             pool,
             statements: StatementMode::default(),
             reads: Arc::new(Semaphore::new(reads)),
+            turns: Arc::new(turns::UserTurns::default()),
         }
     }
 
@@ -222,6 +228,17 @@ impl Store {
             .expect("the semaphore lives as long as the store and is never closed")
     }
 
+    /// Waits until no other write of this process for the same user and
+    /// feature is running, for at most the pool's wait timeout.
+    pub(crate) async fn write_turn(
+        &self,
+        user_id: &str,
+        feature: &str,
+    ) -> Result<turns::Turn<'_>, StoreError> {
+        let wait = self.pool.timeouts().wait;
+        self.turns.take(user_id, feature, wait).await
+    }
+
     /// A pooled connection, timing the wait for it.
     pub(crate) async fn connection(&self) -> Result<Object, StoreError> {
         let started = Instant::now();
@@ -243,6 +260,7 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
         let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
+        let _turn = self.write_turn(user_id, feature).await?;
         let row = self
             .query_one_repeatable(
                 sql::RESERVE,
@@ -277,6 +295,7 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
+        let _turn = self.write_turn(user_id, feature).await?;
         let row = self
             .query_one_repeatable(
                 sql::RELEASE,
