@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::{release, reserve};
+
 use std::{
     collections::{BTreeMap, HashSet},
     sync::{
@@ -16,26 +18,10 @@ use tonic::{transport::Channel, Code};
 use tonic_types::StatusExt;
 use usage_service::proto::{
     usage_service_client::UsageServiceClient, Event, GetSummaryRequest, ListEventsRequest,
-    ReleaseRequest, ReserveRequest, SetLimitOverrideRequest, SetTierLimitRequest, SetTierRequest,
+    SetLimitOverrideRequest, SetTierLimitRequest, SetTierRequest,
 };
 
 type Client = UsageServiceClient<Channel>;
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
-
-fn release(user: &str, product: &str) -> ReleaseRequest {
-    ReleaseRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
 
 fn set_tier(user: &str, tier: &str) -> SetTierRequest {
     SetTierRequest {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{release, reserve};
+
 use std::time::{Duration, Instant};
 
 use common::{
@@ -15,26 +17,7 @@ use common::{
     url_via, TestServer,
 };
 use tonic::{Code, Request};
-use usage_service::{
-    proto::{ReleaseRequest, ReserveRequest},
-    usage::history::{CallKind, CallResult, History},
-};
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
-
-fn release(user: &str, product: &str) -> ReleaseRequest {
-    ReleaseRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
+use usage_service::usage::history::{CallKind, CallResult, History};
 
 /// Fault: the same Reserve and Release sent many times, concurrently and
 /// after delays, interleaved with the opposite call. Load: 10 products of one

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::reserve;
+
 use std::time::Duration;
 
 use common::{count, eventually, TestServer};
@@ -14,14 +16,6 @@ fn hold(user: &str, product: &str, seconds: i64) -> ReserveRequest {
         user_id: user.into(),
         product_id: product.into(),
         hold_ttl: Some(prost_types::Duration { seconds, nanos: 0 }),
-        ..Default::default()
-    }
-}
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
         ..Default::default()
     }
 }

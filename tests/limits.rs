@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::reserve;
+
 use std::time::Duration;
 
 use common::{
@@ -12,21 +14,13 @@ use common::{
 use tonic::Code;
 use usage_service::{
     auth::Role,
-    proto::{usage_service_client::UsageServiceClient, GetRequest, ReserveRequest},
+    proto::{usage_service_client::UsageServiceClient, GetRequest},
     ServerOptions,
 };
 
 /// Sessions of the test's own database waiting for a lock.
 const LOCK_WAITERS: &str = "SELECT count(*) FROM pg_stat_activity
                             WHERE wait_event_type = 'Lock' AND datname = current_database()";
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
 
 /// A request above the message limit gets RESOURCE_EXHAUSTED and writes
 /// nothing, while one just under it reaches validation; an oversized call

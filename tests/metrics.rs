@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{release, reserve};
+
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use common::{
@@ -20,7 +22,7 @@ use tokio::{
 };
 use tonic::Code;
 use usage_service::{
-    proto::{GetRequest, ReleaseManyRequest, ReleaseRequest, ReserveManyRequest, ReserveRequest},
+    proto::{GetRequest, ReleaseManyRequest, ReserveManyRequest},
     store,
 };
 
@@ -29,22 +31,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 const RESERVE: &str = "/usage.v1.UsageService/Reserve";
 const RELEASE: &str = "/usage.v1.UsageService/Release";
 const GET: &str = "/usage.v1.UsageService/Get";
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
-
-fn release(user: &str, product: &str) -> ReleaseRequest {
-    ReleaseRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
 
 /// A loopback address nothing listens on right now.
 fn free_addr() -> SocketAddr {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::reserve;
+
 use std::{process::Stdio, time::Duration};
 
 use common::{
@@ -14,7 +16,6 @@ use tonic::{transport::Channel, Code};
 use tonic_types::StatusExt;
 use usage_service::proto::{
     usage_service_client::UsageServiceClient, CorrectionKind, ReconcileReport, ReconcileRequest,
-    ReserveRequest,
 };
 
 #[allow(dead_code, unreachable_pub)]
@@ -32,14 +33,6 @@ fn one_user(user: &str) -> ReconcileRequest {
     ReconcileRequest {
         user_id: user.into(),
         dry_run: false,
-    }
-}
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
     }
 }
 

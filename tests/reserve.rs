@@ -2,28 +2,14 @@
 
 mod common;
 
+use common::{release, reserve};
+
 use std::collections::HashSet;
 
 use common::{count, TestServer};
 use tonic::Code;
 use tonic_types::StatusExt;
-use usage_service::proto::{ReleaseRequest, ReserveAction, ReserveRequest};
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
-
-fn release(user: &str, product: &str) -> ReleaseRequest {
-    ReleaseRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
+use usage_service::proto::{ReserveAction, ReserveRequest};
 
 /// 200 concurrent Reserves of distinct products for a new Free user: exactly
 /// 50 succeed, 150 are refused with the documented details, and counter,

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{release, reserve};
+
 use std::{
     collections::HashMap,
     time::{Duration, SystemTime},
@@ -13,27 +15,11 @@ use tonic::{transport::Channel, Code};
 use tonic_types::StatusExt;
 use usage_service::proto::{
     usage_service_client::UsageServiceClient, ClearLimitOverrideRequest, GetRequest, ListAllOrder,
-    ListAllRequest, ReleaseRequest, ReserveAction, ReserveRequest, SetLimitOverrideRequest,
-    SetTierLimitRequest, SetTierRequest, Usage,
+    ListAllRequest, ReserveAction, ReserveRequest, SetLimitOverrideRequest, SetTierLimitRequest,
+    SetTierRequest, Usage,
 };
 
 type Client = UsageServiceClient<Channel>;
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
-
-fn release(user: &str, product: &str) -> ReleaseRequest {
-    ReleaseRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
 
 fn set_tier(user: &str, tier: &str) -> SetTierRequest {
     SetTierRequest {

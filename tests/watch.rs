@@ -2,21 +2,13 @@
 
 mod common;
 
+use common::reserve;
+
 use std::time::Duration;
 
 use common::TestServer;
 use tonic::Streaming;
-use usage_service::proto::{
-    ReleaseRequest, ReserveRequest, UsageEvent, UsageLevel, WatchUsageRequest,
-};
-
-fn reserve(user: &str, product: &str) -> ReserveRequest {
-    ReserveRequest {
-        user_id: user.into(),
-        product_id: product.into(),
-        ..Default::default()
-    }
-}
+use usage_service::proto::{ReleaseRequest, UsageEvent, UsageLevel, WatchUsageRequest};
 
 /// The next event, failing the test if none comes within ten seconds.
 async fn next(stream: &mut Streaming<UsageEvent>) -> UsageEvent {

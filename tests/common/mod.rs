@@ -367,3 +367,21 @@ pub async fn migrated_db() -> TestDb {
     pool.close();
     db
 }
+
+/// A Reserve of `product` for `user`, on the default feature.
+pub fn reserve(user: &str, product: &str) -> usage_service::proto::ReserveRequest {
+    usage_service::proto::ReserveRequest {
+        user_id: user.into(),
+        product_id: product.into(),
+        ..Default::default()
+    }
+}
+
+/// A Release of `product` for `user`, on the default feature.
+pub fn release(user: &str, product: &str) -> usage_service::proto::ReleaseRequest {
+    usage_service::proto::ReleaseRequest {
+        user_id: user.into(),
+        product_id: product.into(),
+        ..Default::default()
+    }
+}
