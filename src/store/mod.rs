@@ -135,8 +135,8 @@ pub struct Discrepancy {
 /// [`reads_in_flight`] of them run at once; more would only make PostgreSQL
 /// switch between them, and would take connections the writes can use.
 ///
-/// Writes for one user and feature go to PostgreSQL one at a time from this
-/// process ([`turns::UserTurns`]); see there for why.
+/// Writes for one user and feature go to PostgreSQL a few at a time from
+/// this process ([`turns::UserTurns`]); see there for why.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
@@ -228,8 +228,9 @@ impl Store {
             .expect("the semaphore lives as long as the store and is never closed")
     }
 
-    /// Waits until no other write of this process for the same user and
-    /// feature is running, for at most the pool's wait timeout.
+    /// Waits until fewer than [`turns::PER_USER`] writes of this process for
+    /// the same user and feature are running, for at most the pool's wait
+    /// timeout.
     pub(crate) async fn write_turn(
         &self,
         user_id: &str,
