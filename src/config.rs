@@ -93,6 +93,17 @@ pub struct DatabaseArgs {
     /// before 1.21, or without `max_prepared_statements`).
     #[arg(long, env = "USAGE_DB_UNNAMED_STATEMENTS")]
     pub db_unnamed_statements: bool,
+
+    /// Most Reserve, Release or Get calls sent together in one statement
+    /// when calls queue up (see "Coalescing" in the README); 1 sends every
+    /// call on its own.
+    #[arg(
+        long,
+        env = "USAGE_DB_BATCH_MAX",
+        default_value_t = 100,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000)
+    )]
+    pub db_batch_max: usize,
 }
 
 /// Everything `serve` needs.
@@ -279,6 +290,7 @@ impl Default for DatabaseArgs {
             db_recycle_timeout: Duration::from_secs(2),
             db_statement_timeout: Duration::from_secs(5),
             db_unnamed_statements: false,
+            db_batch_max: 100,
         }
     }
 }

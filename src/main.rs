@@ -77,7 +77,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         orphan_grace: args.catalogue.orphan_grace,
         metrics_addr: Some(args.metrics_addr),
     };
-    let store = Store::new(pool).with_statement_mode(store::statement_mode(&args.database));
+    let store = Store::new(pool)
+        .with_statement_mode(store::statement_mode(&args.database))
+        .with_batch_max(args.database.db_batch_max);
     usage_service::run(listener, store, options, shutdown_signal()).await
 }
 

@@ -17,6 +17,8 @@
 //! | `usage_db_pool_waiting` | gauge | |
 //! | `usage_db_pool_wait_seconds` | histogram | |
 //! | `usage_db_errors_total` | counter | `kind` (`unavailable`, `database`, `unexpected_outcome`) |
+//! | `usage_db_batch_calls` | histogram | `kind` (`write`, `get`) |
+//! | `usage_db_queued_calls` | gauge | `kind` (`write`, `get`) |
 //! | `usage_reconciliation_drift_found_total` | counter | |
 //! | `usage_reconciliation_drift_fixed_total` | counter | |
 //! | `usage_health_serving` | gauge | 1 while the database answers, else 0 |
@@ -51,6 +53,11 @@ pub const POOL_WAITING: &str = "usage_db_pool_waiting";
 pub const POOL_WAIT: &str = "usage_db_pool_wait_seconds";
 /// Failed database calls, by kind.
 pub const DB_ERRORS: &str = "usage_db_errors_total";
+/// Calls sent together in one batch statement, by kind (`write` for
+/// Reserve and Release, `get`); calls sent alone are not counted.
+pub const BATCH_CALLS: &str = "usage_db_batch_calls";
+/// Calls waiting in the service to be sent with others, by kind.
+pub const QUEUED_CALLS: &str = "usage_db_queued_calls";
 /// Drift reconciliation found: slots missing or orphaned, plus counters that
 /// disagreed with their ledger (dry runs included).
 pub const RECONCILIATION_FOUND: &str = "usage_reconciliation_drift_found_total";
@@ -66,6 +73,10 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Bucket bounds of the batch-size histogram, in calls (a batch holds at
+/// least two and at most a hundred).
+const BATCH_BUCKETS: &[f64] = &[2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0];
+
 /// How often histogram samples are folded into their buckets, which bounds
 /// the memory they take when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -79,6 +90,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(BATCH_CALLS.into()), BATCH_BUCKETS)
                 .expect("the bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -184,6 +197,17 @@ pub fn record_database_error(kind: &'static str) {
     ::metrics::counter!(DB_ERRORS, "kind" => kind).increment(1);
 }
 
+/// `calls` calls of `kind` went to the database as one batch statement.
+pub fn record_batch(kind: &'static str, calls: usize) {
+    ::metrics::histogram!(BATCH_CALLS, "kind" => kind).record(calls as f64);
+}
+
+/// `change` calls of `kind` joined (positive) or left (negative) the queues
+/// of calls waiting to be sent together.
+pub fn add_queued(kind: &'static str, change: i64) {
+    ::metrics::gauge!(QUEUED_CALLS, "kind" => kind).increment(change as f64);
+}
+
 /// Reconciliation of one user found `found` units of drift (slots to add or
 /// remove, a counter to correct) and corrected `fixed` of them.
 pub fn record_reconciliation(found: u64, fixed: u64) {
@@ -221,6 +245,14 @@ fn describe() {
         "time a call waited for a database connection"
     );
     describe_counter!(DB_ERRORS, "failed database calls, by kind");
+    describe_histogram!(
+        BATCH_CALLS,
+        "calls sent together in one batch statement, by kind"
+    );
+    describe_gauge!(
+        QUEUED_CALLS,
+        "calls waiting to be sent together with others, by kind"
+    );
     describe_counter!(
         RECONCILIATION_FOUND,
         "drift found by reconciliation: slots to add or remove, counters to correct"

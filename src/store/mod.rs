@@ -8,8 +8,10 @@
 
 mod admin;
 pub mod backfill;
+mod batches;
 pub mod catalogue;
 mod check;
+mod coalesce;
 mod error;
 pub mod holds;
 mod ledger;
@@ -23,7 +25,7 @@ use std::{sync::Arc, time::Instant};
 
 use deadpool_postgres::{Object, Pool};
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tokio_postgres::{types::Type, Row};
+use tokio_postgres::Row;
 
 pub use admin::{EventPage, UsagePage};
 pub use check::{CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, Violation};
@@ -42,6 +44,10 @@ pub mod sql {
     pub const RELEASE: &str = include_str!("sql/release.sql");
     /// See `sql/get.sql`.
     pub const GET: &str = include_str!("sql/get.sql");
+    /// See `sql/get_many.sql`.
+    pub const GET_MANY: &str = include_str!("sql/get_many.sql");
+    /// See `sql/write_batch.sql`.
+    pub const WRITE_BATCH: &str = include_str!("sql/write_batch.sql");
     /// See `sql/list_all.sql`.
     pub const LIST_ALL: &str = include_str!("sql/list_all.sql");
     /// See `sql/feature_exists.sql`.
@@ -135,25 +141,32 @@ pub struct Discrepancy {
 /// [`reads_in_flight`] of them run at once; more would only make PostgreSQL
 /// switch between them, and would take connections the writes can use.
 ///
-/// Writes for one user and feature go to PostgreSQL a few at a time from
-/// this process ([`turns::UserTurns`]); see there for why.
+/// Reserves and Releases of one user and feature go to PostgreSQL at most
+/// [`turns::PER_USER`] statements at a time from this process; the calls
+/// that arrive meanwhile are sent together, as one statement, when one of
+/// those ends. Gets beyond [`reads_in_flight`] are sent together the same
+/// way. See [`coalesce`] for how, and [`turns`] for why a few at a time.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
     statements: StatementMode,
     reads: Arc<Semaphore>,
     turns: Arc<turns::UserTurns>,
+    writes: Arc<coalesce::Coalescer<batches::Writes>>,
+    gets: Arc<coalesce::Coalescer<batches::Gets>>,
 }
 
 impl Store {
     /// A store over `pool`.
     pub fn new(pool: Pool) -> Self {
-        let reads = reads_in_flight().min(pool.status().max_size).max(1);
+        let reads = read_limit(&pool);
         Self {
             pool,
             statements: StatementMode::default(),
             reads: Arc::new(Semaphore::new(reads)),
             turns: Arc::new(turns::UserTurns::default()),
+            writes: write_lanes(batches::MAX_BATCH),
+            gets: get_lanes(reads, batches::MAX_BATCH),
         }
     }
 
@@ -161,6 +174,16 @@ impl Store {
     pub fn with_statement_mode(self, mode: StatementMode) -> Self {
         Self {
             statements: mode,
+            ..self
+        }
+    }
+
+    /// The same store, sending at most `max` queued calls in one statement
+    /// (1: every call alone).
+    pub fn with_batch_max(self, max: usize) -> Self {
+        Self {
+            writes: write_lanes(max),
+            gets: get_lanes(read_limit(&self.pool), max),
             ..self
         }
     }
@@ -240,6 +263,21 @@ impl Store {
         self.turns.take(user_id, feature, wait).await
     }
 
+    /// Sends one Reserve or Release of `user_id`, alone or with the calls
+    /// queued beside it.
+    async fn write(
+        &self,
+        user_id: &str,
+        feature: &str,
+        call: batches::WriteCall,
+    ) -> Result<Row, StoreError> {
+        let key = (user_id.to_owned(), feature.to_owned());
+        let wait = self.pool.timeouts().wait;
+        self.writes
+            .submit(&batches::Writes(self.clone()), key, call, wait)
+            .await
+    }
+
     /// A pooled connection, timing the wait for it.
     pub(crate) async fn connection(&self) -> Result<Object, StoreError> {
         let started = Instant::now();
@@ -261,21 +299,8 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
         let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
-        let _turn = self.write_turn(user_id, feature).await?;
-        let row = self
-            .query_one_repeatable(
-                sql::RESERVE,
-                &[
-                    (&user_id, Type::TEXT),
-                    (&feature, Type::TEXT),
-                    (&product_id, Type::TEXT),
-                    (&action.as_audit_action(), Type::TEXT),
-                    (&caller.actor, Type::TEXT),
-                    (&caller.request_id, Type::TEXT),
-                    (&hold_secs, Type::FLOAT8),
-                ],
-            )
-            .await?;
+        let call = batches::WriteCall::reserve(product_id, action, hold_secs, caller);
+        let row = self.write(user_id, feature, call).await?;
 
         let outcome: &str = row.try_get("outcome")?;
         let usage = || usage_from_row(user_id, feature, &row);
@@ -296,19 +321,8 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
-        let _turn = self.write_turn(user_id, feature).await?;
-        let row = self
-            .query_one_repeatable(
-                sql::RELEASE,
-                &[
-                    (&user_id, Type::TEXT),
-                    (&feature, Type::TEXT),
-                    (&product_id, Type::TEXT),
-                    (&caller.actor, Type::TEXT),
-                    (&caller.request_id, Type::TEXT),
-                ],
-            )
-            .await?;
+        let call = batches::WriteCall::release(product_id, caller);
+        let row = self.write(user_id, feature, call).await?;
 
         let outcome: &str = row.try_get("outcome")?;
         let usage = || usage_from_row(user_id, feature, &row);
@@ -323,14 +337,11 @@ impl Store {
     /// The usage of one user; a user never seen has zero usage at the
     /// feature's default tier.
     pub async fn get(&self, user_id: &str, feature: &str) -> Result<Usage, StoreError> {
-        let _turn = self.read_turn().await;
-        let row = self
-            .query_repeatable(sql::GET, &[(&user_id, Type::TEXT), (&feature, Type::TEXT)])
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
-        usage_from_row(user_id, feature, &row)
+        let key = (user_id.to_owned(), feature.to_owned());
+        let wait = self.pool.timeouts().wait;
+        self.gets
+            .submit(&batches::Gets(self.clone()), (), key, wait)
+            .await
     }
 }
 
@@ -359,6 +370,26 @@ impl Store {
 /// while some calls are on the network.
 pub fn reads_in_flight() -> usize {
     crate::config::available_cpus() * 4
+}
+
+/// Reads allowed to run at once on `pool`.
+fn read_limit(pool: &Pool) -> usize {
+    reads_in_flight().min(pool.status().max_size).max(1)
+}
+
+/// Lanes of Reserves and Releases: one per user and feature, with
+/// [`turns::PER_USER`] statements at a time.
+fn write_lanes(max_batch: usize) -> Arc<coalesce::Coalescer<batches::Writes>> {
+    Arc::new(coalesce::Coalescer::new(
+        "write",
+        turns::PER_USER,
+        max_batch,
+    ))
+}
+
+/// The one lane of Gets, with `reads` statements at a time.
+fn get_lanes(reads: usize, max_batch: usize) -> Arc<coalesce::Coalescer<batches::Gets>> {
+    Arc::new(coalesce::Coalescer::new("get", reads, max_batch))
 }
 
 /// Reads the `tier`, `current_usage` and `usage_limit` columns.

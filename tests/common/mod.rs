@@ -11,6 +11,7 @@ pub mod auth;
 pub mod catalogue;
 pub mod cluster;
 pub mod load;
+pub mod metrics;
 pub mod process;
 pub mod proxy;
 
@@ -184,7 +185,9 @@ impl TestServer {
         configure: impl FnOnce(&mut ServerOptions),
     ) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
-        let store = Store::new(pool).with_statement_mode(store::statement_mode(&args));
+        let store = Store::new(pool)
+            .with_statement_mode(store::statement_mode(&args))
+            .with_batch_max(args.db_batch_max);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");

@@ -1,0 +1,346 @@
+//! Calls sent together: Reserves of a busy user that queue in the service
+//! go to PostgreSQL as one statement and one commit, and Gets that queue go
+//! as one read, yet every call gets its own answer and audit row. A batch
+//! that fails is sent again call by call.
+//!
+//! Queues are made on purpose: a transaction of the test holds the user's
+//! row (or the features table), so the first calls wait in PostgreSQL and
+//! the rest in the service, where the metrics show them.
+//!
+//! The queue gauge is process-wide, so the tests of this file run one at a
+//! time.
+
+mod common;
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use common::{
+    count, eventually,
+    metrics::{free_addr, scrape, Samples},
+    reserve, TestServer,
+};
+use tokio::sync::Mutex;
+use tonic::{Code, Request};
+use usage_service::{
+    proto::{usage_service_client::UsageServiceClient, GetRequest},
+    store,
+};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Statements of the test's database waiting for a lock.
+const WAITING: &str = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+/// Writes of one user that may be in PostgreSQL at once (the store's
+/// per-user limit).
+const WRITES_PER_USER: i64 = 4;
+
+/// A server that serves metrics, with its metrics address.
+async fn server_with_metrics() -> (TestServer, SocketAddr) {
+    let metrics = free_addr();
+    let server = TestServer::start_configured(|o| o.metrics_addr = Some(metrics)).await;
+    (server, metrics)
+}
+
+async fn sample(metrics: SocketAddr, name: &str, kind: &str) -> f64 {
+    Samples::parse(&scrape(metrics).await).get(name, &[("kind", kind)])
+}
+
+/// Reserves `product` for `user` in a task, tagged with the request id
+/// `product`.
+fn spawn_reserve(
+    client: &UsageServiceClient<tonic::transport::Channel>,
+    user: &str,
+    product: &str,
+) -> tokio::task::JoinHandle<Result<i64, tonic::Status>> {
+    let mut client = client.clone();
+    let mut request = Request::new(reserve(user, product));
+    request
+        .metadata_mut()
+        .insert("x-request-id", product.parse().expect("an ASCII id"));
+    tokio::spawn(async move {
+        let reply = client.reserve(request).await?.into_inner();
+        Ok(reply.usage.expect("a usage").current_usage)
+    })
+}
+
+/// Waits until `statements` of the database wait for a lock and `queued`
+/// more calls of `kind` than `before` wait in the service.
+async fn until_queued(
+    server: &TestServer,
+    metrics: SocketAddr,
+    statements: i64,
+    kind: &str,
+    before: f64,
+    queued: usize,
+) {
+    let sql = server.sql().await;
+    eventually(
+        Duration::from_secs(20),
+        "the calls to wait in PostgreSQL and in the service",
+        || async {
+            count(&sql, WAITING).await == statements
+                && sample(metrics, "usage_db_queued_calls", kind).await - before == queued as f64
+        },
+    )
+    .await;
+}
+
+/// Load: a Free user at 1 of 50, its row held by a transaction while 60
+/// Reserves of new products arrive: 4 wait in PostgreSQL, 56 in the service.
+/// Checks: once the row is free, exactly 49 get in and 11 are refused, the
+/// 49 were told the usages 2 to 50 once each, each call's audit row carries
+/// the usage it was told, and the 56 queued calls were committed together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_reserves_of_a_busy_user_share_one_commit() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (server, metrics) = server_with_metrics().await;
+    let client = server.client().await;
+    client
+        .clone()
+        .reserve(reserve("busy", "first"))
+        .await
+        .expect("setup");
+
+    let holder = server.sql().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'busy' FOR UPDATE")
+        .await
+        .expect("holding the user's row");
+    let before = sample(metrics, "usage_db_queued_calls", "write").await;
+    let products: Vec<String> = (0..60).map(|p| format!("p{p:02}")).collect();
+    let calls: Vec<_> = products
+        .iter()
+        .map(|p| spawn_reserve(&client, "busy", p))
+        .collect();
+    until_queued(&server, metrics, WRITES_PER_USER, "write", before, 56).await;
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("freeing the row");
+
+    let mut told = HashMap::new();
+    let mut refused = 0;
+    for (product, call) in products.iter().zip(calls) {
+        match call.await.expect("no panic") {
+            Ok(usage) => {
+                told.insert(product.clone(), usage);
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => refused += 1,
+            Err(status) => panic!("unexpected answer for {product}: {status:?}"),
+        }
+    }
+    assert_eq!((told.len(), refused), (49, 11));
+    let mut usages: Vec<i64> = told.values().copied().collect();
+    usages.sort_unstable();
+    assert_eq!(usages, (2..=50).collect::<Vec<_>>(), "each usage told once");
+
+    let sql = server.sql().await;
+    let audit = sql
+        .query(
+            "SELECT request_id, action, usage_after, xmin::text AS tx FROM usage_events \
+              WHERE user_id = 'busy' AND product_id LIKE 'p%'",
+            &[],
+        )
+        .await
+        .expect("reading the audit trail");
+    assert_eq!(audit.len(), 60, "one audit row per call");
+    for row in &audit {
+        let request_id: String = row.get("request_id");
+        let action: String = row.get("action");
+        match told.get(&request_id) {
+            Some(usage) => {
+                assert_eq!(action, "reserve", "{request_id}");
+                assert_eq!(row.get::<_, i64>("usage_after"), *usage, "{request_id}");
+            }
+            None => assert_eq!(action, "denied", "{request_id}"),
+        }
+    }
+    let mut transactions: Vec<String> = audit.iter().map(|row| row.get("tx")).collect();
+    transactions.sort();
+    transactions.dedup();
+    assert_eq!(
+        transactions.len(),
+        WRITES_PER_USER as usize + 1,
+        "the four calls that waited in PostgreSQL committed alone, the 56 queued ones together"
+    );
+    server.assert_checks(None).await;
+    server.stop().await;
+}
+
+/// Fault: a trigger that fails the insert of one product's slot. Load: 4
+/// Reserves waiting at a held row, then 10 queued behind them, the failing
+/// one among them. Checks: the failing call alone gets INTERNAL with
+/// nothing recorded for it; the 9 others are reserved, each in a
+/// transaction of its own (the batch was sent again call by call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_call_does_not_fail_its_batch() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (server, metrics) = server_with_metrics().await;
+    let client = server.client().await;
+    let sql = server.sql().await;
+    sql.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.product_id = 'poison' THEN
+                 RAISE EXCEPTION 'this product cannot be stored';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON slots
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .await
+    .expect("installing the fault");
+    client
+        .clone()
+        .reserve(reserve("mixed", "first"))
+        .await
+        .expect("setup");
+
+    let holder = server.sql().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'mixed' FOR UPDATE")
+        .await
+        .expect("holding the user's row");
+    let leaders: Vec<_> = (0..WRITES_PER_USER)
+        .map(|p| spawn_reserve(&client, "mixed", &format!("lead{p}")))
+        .collect();
+    eventually(
+        Duration::from_secs(20),
+        "the first calls to wait",
+        || async { count(&sql, WAITING).await == WRITES_PER_USER },
+    )
+    .await;
+    let before = sample(metrics, "usage_db_queued_calls", "write").await;
+    let mut products: Vec<String> = (0..9).map(|p| format!("q{p}")).collect();
+    products.insert(4, "poison".to_owned());
+    let queued: Vec<_> = products
+        .iter()
+        .map(|p| spawn_reserve(&client, "mixed", p))
+        .collect();
+    until_queued(&server, metrics, WRITES_PER_USER, "write", before, 10).await;
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("freeing the row");
+
+    for call in leaders {
+        call.await.expect("no panic").expect("a leader is reserved");
+    }
+    for (product, call) in products.iter().zip(queued) {
+        let answer = call.await.expect("no panic");
+        if product == "poison" {
+            let status = answer.expect_err("the failing product is not reserved");
+            assert_eq!(status.code(), Code::Internal, "{status:?}");
+        } else {
+            answer.unwrap_or_else(|s| panic!("{product} is reserved: {s:?}"));
+        }
+    }
+
+    let poison = "SELECT count(*) FROM usage_events WHERE product_id = 'poison'";
+    assert_eq!(count(&sql, poison).await, 0, "nothing audited for it");
+    let alone = "SELECT count(DISTINCT xmin::text) FROM usage_events WHERE product_id LIKE 'q%'";
+    assert_eq!(count(&sql, alone).await, 9, "each sent again on its own");
+    let usage = server
+        .store
+        .get("mixed", "product_slot")
+        .await
+        .expect("reading the usage");
+    assert_eq!(usage.current_usage, 1 + WRITES_PER_USER + 9);
+    server.assert_checks(None).await;
+    server.stop().await;
+}
+
+/// Load: users holding 0 to 9 slots; the features table locked while the
+/// store's reads in flight wait in PostgreSQL and 12 more Gets queue: each
+/// of the 10 users, one never seen, and one for a feature that does not
+/// exist. Checks: the 12 are read in one statement, and each call gets its
+/// own user's usage, or INVALID_ARGUMENT for the unknown feature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_gets_are_read_together() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (server, metrics) = server_with_metrics().await;
+    let client = server.client().await;
+    for user in 0..10 {
+        for p in 0..user {
+            client
+                .clone()
+                .reserve(reserve(&format!("g{user}"), &format!("p{p}")))
+                .await
+                .expect("setup");
+        }
+    }
+
+    let holder = server.sql().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE features IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("locking the features");
+    let get = |user: String, feature: &str| {
+        let mut client = client.clone();
+        let request = GetRequest {
+            user_id: user,
+            feature: feature.to_owned(),
+        };
+        tokio::spawn(async move { client.get(request).await.map(|r| r.into_inner()) })
+    };
+    let reads = i64::try_from(store::reads_in_flight().min(16)).expect("a small number");
+    let leaders: Vec<_> = (0..reads)
+        .map(|n| get(format!("lead{n}"), "product_slot"))
+        .collect();
+    let sql = server.sql().await;
+    eventually(
+        Duration::from_secs(20),
+        "the first reads to wait",
+        || async { count(&sql, WAITING).await == reads },
+    )
+    .await;
+
+    let samples = Samples::parse(&scrape(metrics).await);
+    let before = |name: &str| samples.get(name, &[("kind", "get")]);
+    let (queued_before, batches_before, calls_before) = (
+        before("usage_db_queued_calls"),
+        before("usage_db_batch_calls_count"),
+        before("usage_db_batch_calls_sum"),
+    );
+    let mut queued: Vec<_> = (0..10)
+        .map(|user| get(format!("g{user}"), "product_slot"))
+        .collect();
+    queued.push(get("ghost".to_owned(), "product_slot"));
+    queued.push(get("g3".to_owned(), "no_such_feature"));
+    until_queued(&server, metrics, reads, "get", queued_before, 12).await;
+    holder.batch_execute("COMMIT").await.expect("unlocking");
+
+    for call in leaders {
+        let usage = call.await.expect("no panic").expect("a leader is read");
+        assert_eq!(usage.current_usage, 0);
+    }
+    let mut answers = Vec::new();
+    for call in queued {
+        answers.push(call.await.expect("no panic"));
+    }
+    let unknown = answers.pop().expect("12 answers");
+    assert_eq!(
+        unknown.expect_err("no such feature").code(),
+        Code::InvalidArgument
+    );
+    let ghost = answers
+        .pop()
+        .expect("11 answers")
+        .expect("an unseen user reads as empty");
+    assert_eq!((ghost.current_usage, ghost.tier.as_str()), (0, "free"));
+    for (user, answer) in (0..).zip(answers) {
+        let usage = answer.unwrap_or_else(|s| panic!("g{user} is read: {s:?}"));
+        assert_eq!(usage.user_id, format!("g{user}"));
+        assert_eq!(usage.current_usage, user, "g{user}");
+        assert_eq!(usage.usage_limit, Some(50), "g{user}");
+    }
+
+    let samples = Samples::parse(&scrape(metrics).await);
+    let after = |name: &str| samples.get(name, &[("kind", "get")]);
+    assert_eq!(after("usage_db_batch_calls_count") - batches_before, 1.0);
+    assert_eq!(after("usage_db_batch_calls_sum") - calls_before, 12.0);
+    server.stop().await;
+}
