@@ -9,6 +9,11 @@
 # One pgbench transaction is one usage-bench operation: Reserve + Release for
 # spread and hot, one Reserve for refused, one Get for get.
 #
+# pgbench sends each call as its own statement, as the service does when no
+# calls queue; under load the service sends queued calls together (see "How
+# the limit is enforced" in the README), which is how it can pass the
+# per-statement ceiling. SERVICE_ARGS="--db-batch-max 1" measures it without.
+#
 # Then, unless EXTRAS=0: the server's peak resident memory at concurrency 256,
 # and p99 at half the service's maximum throughput for HALF_RATE_SCENARIOS
 # (which must be among SCENARIOS).
