@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Token(args) => return print_token(args),
     };
-    telemetry::init(log_format);
+    let _logs = telemetry::init(log_format);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads.unwrap_or_else(available_cpus))
