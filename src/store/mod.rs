@@ -12,6 +12,7 @@ pub mod catalogue;
 mod check;
 mod error;
 pub mod holds;
+mod job_lock;
 mod ledger;
 pub mod migrate;
 mod pool;
@@ -30,6 +31,7 @@ pub use check::{CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, 
 pub use error::StoreError;
 pub use holds::{EventFilter, StoredEvent};
 pub use pool::{connect_pool, statement_mode};
+pub(crate) use statements::Connection;
 pub use statements::StatementMode;
 
 use crate::usage::{Caller, ReleaseOutcome, ReserveAction, ReserveOutcome, Usage};
@@ -165,14 +167,26 @@ impl Store {
         }
     }
 
-    /// Runs one of the statements of [`sql`] in the store's mode.
+    /// Runs one of the store's statements on `conn` (a pooled connection or
+    /// a transaction), in the store's mode. Every statement goes this way, so
+    /// that behind a pooler none leaves a prepared statement behind.
     pub(crate) async fn query(
         &self,
-        client: &deadpool_postgres::Client,
+        conn: &impl Connection,
         sql: &str,
         params: &[statements::Param<'_>],
     ) -> Result<Vec<Row>, StoreError> {
-        statements::query(client, self.statements, sql, params).await
+        statements::query(conn, self.statements, sql, params).await
+    }
+
+    /// Like [`Store::query`], for a statement returning exactly one row.
+    pub(crate) async fn query_one(
+        &self,
+        conn: &impl Connection,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Row, StoreError> {
+        statements::exactly_one(self.query(conn, sql, params).await?)
     }
 
     /// Runs a statement that may safely be sent twice, on a pooled
@@ -331,6 +345,15 @@ impl Store {
             .next()
             .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
         usage_from_row(user_id, feature, &row)
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pool", &self.pool.status())
+            .field("statements", &self.statements)
+            .finish_non_exhaustive()
     }
 }
 

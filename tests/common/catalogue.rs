@@ -67,10 +67,10 @@ pub async fn catalogue_mismatches(sql: &tokio_postgres::Client) -> Vec<(String, 
 
 /// A reconciler of the default catalogue of `server`.
 pub async fn reconciler(server: &TestServer, grace: Duration) -> Reconciler {
-    let catalogue = Catalogue::validate(server.store.pool(), &CatalogueLayout::default())
+    let catalogue = Catalogue::validate(&server.store, &CatalogueLayout::default())
         .await
         .expect("the fixture catalogue is valid");
-    Reconciler::new(server.store.pool().clone(), Arc::new(catalogue), grace)
+    Reconciler::new(server.store.clone(), Arc::new(catalogue), grace)
 }
 
 impl TestServer {
