@@ -161,10 +161,8 @@ impl TestServer {
     /// A migrated fresh database and a server on it, with `configure` applied
     /// to the default options.
     pub async fn start_configured(configure: impl FnOnce(&mut ServerOptions)) -> Self {
-        let db = TestDb::create().await;
+        let db = migrated_db().await;
         let args = db.args();
-        let pool = store::connect_pool(&args).expect("building the pool");
-        store::migrate::run(&pool).await.expect("migrating");
         Self::start_on(db, args, configure).await
     }
 
