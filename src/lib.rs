@@ -138,12 +138,12 @@ pub async fn run(
 
     let reconciler = match &options.catalogue {
         Some(layout) => {
-            let catalogue = Catalogue::validate(store.pool(), layout)
+            let catalogue = Catalogue::validate(&store, layout)
                 .await
                 .context("checking the product catalogue")?;
             info!(table = %catalogue, feature = catalogue.feature(), "product catalogue checked");
             Some(Reconciler::new(
-                store.pool().clone(),
+                store.clone(),
                 std::sync::Arc::new(catalogue),
                 options.orphan_grace,
             ))

@@ -77,9 +77,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         orphan_grace: args.catalogue.orphan_grace,
         metrics_addr: Some(args.metrics_addr),
     };
-    let store = Store::new(pool)
-        .with_statement_mode(store::statement_mode(&args.database))
-        .with_batch_max(args.database.db_batch_max);
+    let store = Store::configured(pool, &args.database);
     usage_service::run(listener, store, options, shutdown_signal()).await
 }
 
@@ -95,8 +93,7 @@ async fn migrate(args: &DatabaseArgs) -> anyhow::Result<usize> {
 /// is one, so that scripts can act on the exit status.
 async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     info!(database = %args.database.redacted_url(), "checking consistency");
-    let store = Store::new(store::connect_pool(&args.database)?)
-        .with_statement_mode(store::statement_mode(&args.database));
+    let store = Store::configured(store::connect_pool(&args.database)?, &args.database);
     let options = CheckOptions {
         idle_in_transaction_after: args.idle_in_transaction_after,
     };

@@ -17,7 +17,7 @@ use usage_service::store::{
 const GRACE: Duration = Duration::from_secs(600);
 
 async fn default_catalogue(server: &TestServer) -> Catalogue {
-    Catalogue::validate(server.store.pool(), &CatalogueLayout::default())
+    Catalogue::validate(&server.store, &CatalogueLayout::default())
         .await
         .expect("the fixture catalogue is valid")
 }
@@ -61,7 +61,7 @@ async fn backfill_matches_the_catalogue_and_is_idempotent() {
     .await;
     assert!(over > 0, "the generated catalogue has users over the limit");
 
-    let dry = backfill::run(server.store.pool(), &catalogue, &options(64, true), |_| {})
+    let dry = backfill::run(&server.store, &catalogue, &options(64, true), |_| {})
         .await
         .expect("the dry run succeeds");
     assert_eq!(dry.users_changed as i64, owners);
@@ -78,7 +78,7 @@ async fn backfill_matches_the_catalogue_and_is_idempotent() {
     }
 
     let mut batches_seen = 0;
-    let done = backfill::run(server.store.pool(), &catalogue, &options(64, false), |p| {
+    let done = backfill::run(&server.store, &catalogue, &options(64, false), |p| {
         batches_seen = p.batches;
     })
     .await
@@ -108,7 +108,7 @@ async fn backfill_matches_the_catalogue_and_is_idempotent() {
     );
 
     let events = count(&sql, "SELECT count(*) FROM usage_events").await;
-    let again = backfill::run(server.store.pool(), &catalogue, &options(64, false), |_| {})
+    let again = backfill::run(&server.store, &catalogue, &options(64, false), |_| {})
         .await
         .expect("the second run succeeds");
     assert_eq!(
@@ -171,7 +171,7 @@ async fn backfill_keeps_tiers_and_repairs_an_existing_ledger() {
         orphan_grace: Duration::ZERO,
         ..options(1, false)
     };
-    let summary = backfill::run(server.store.pool(), &catalogue, &no_grace, |_| {})
+    let summary = backfill::run(&server.store, &catalogue, &no_grace, |_| {})
         .await
         .unwrap();
     assert_eq!(summary.users_changed, 2);
@@ -317,7 +317,7 @@ async fn backfill_while_serving_loses_nothing() {
         })
     });
     let traffic: Vec<_> = traffic.collect();
-    let summary = backfill::run(server.store.pool(), &catalogue, &options(7, false), |_| {})
+    let summary = backfill::run(&server.store, &catalogue, &options(7, false), |_| {})
         .await
         .expect("the backfill succeeds while serving");
     for task in traffic {
@@ -361,10 +361,10 @@ async fn custom_layout_with_quoted_names_and_other_id_types() {
         deleted_column: "removed at".into(),
         feature: "product_slot".into(),
     };
-    let catalogue = Catalogue::validate(server.store.pool(), &layout)
+    let catalogue = Catalogue::validate(&server.store, &layout)
         .await
         .expect("the layout is valid");
-    let summary = backfill::run(server.store.pool(), &catalogue, &options(10, false), |_| {})
+    let summary = backfill::run(&server.store, &catalogue, &options(10, false), |_| {})
         .await
         .unwrap();
     assert_eq!((summary.users_created, summary.slots_added), (2, 3));
@@ -397,13 +397,13 @@ async fn bad_layouts_are_refused_at_start_up() {
         sql.batch_execute(common::catalogue::FIXTURE).await.unwrap();
     })
     .await;
-    let pool = server.store.pool();
+    let store = &server.store;
 
     let injected = CatalogueLayout {
         table: "products; DROP TABLE slots; --".into(),
         ..CatalogueLayout::default()
     };
-    let err = Catalogue::validate(pool, &injected).await.unwrap_err();
+    let err = Catalogue::validate(store, &injected).await.unwrap_err();
     assert!(matches!(err, CatalogueError::TableNotFound { .. }), "{err}");
     assert!(err.to_string().contains("--products-table"), "{err}");
 
@@ -411,7 +411,7 @@ async fn bad_layouts_are_refused_at_start_up() {
         deleted_column: "removed_at\" IS NULL OR true --".into(),
         ..CatalogueLayout::default()
     };
-    let err = Catalogue::validate(pool, &wrong_column).await.unwrap_err();
+    let err = Catalogue::validate(store, &wrong_column).await.unwrap_err();
     assert!(
         matches!(err, CatalogueError::ColumnNotFound { .. }),
         "{err}"
@@ -429,7 +429,7 @@ async fn bad_layouts_are_refused_at_start_up() {
         feature: "widgets".into(),
         ..CatalogueLayout::default()
     };
-    let err = Catalogue::validate(pool, &unknown_feature)
+    let err = Catalogue::validate(store, &unknown_feature)
         .await
         .unwrap_err();
     assert!(matches!(err, CatalogueError::UnknownFeature(_)), "{err}");
@@ -469,7 +469,7 @@ async fn a_second_backfill_at_once_is_refused() {
         )
         .await
         .unwrap();
-    let err = backfill::run(server.store.pool(), &catalogue, &options(10, false), |_| {})
+    let err = backfill::run(&server.store, &catalogue, &options(10, false), |_| {})
         .await
         .unwrap_err();
     assert!(matches!(err, BackfillError::AlreadyRunning), "{err}");

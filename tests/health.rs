@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin_url, eventually, health_status, proxy::Proxy, TestDb, TestServer};
+use common::{admin_url, eventually, health_status, proxy::Proxy, TestServer};
 use tonic::Code;
-use usage_service::{proto::GetRequest, store};
+use usage_service::proto::GetRequest;
 
 /// The address of the test PostgreSQL server.
 fn postgres_addr() -> std::net::SocketAddr {
@@ -29,10 +29,7 @@ fn postgres_addr() -> std::net::SocketAddr {
 /// UNAVAILABLE meanwhile, and both recover when it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_database() {
-    let db = TestDb::create().await;
-    let pool = store::connect_pool(&db.args()).unwrap();
-    store::migrate::run(&pool).await.unwrap();
-    pool.close();
+    let db = common::migrated_db().await;
 
     let proxy = Proxy::start(postgres_addr()).await;
     let mut args = db.args();

@@ -14,14 +14,11 @@ use common::{
     eventually,
     metrics::{free_addr, scrape, Delta, Samples},
     proxy::Proxy,
-    url_with_database, TestDb, TestServer,
+    url_with_database, TestServer,
 };
 use tokio::sync::Mutex;
 use tonic::Code;
-use usage_service::{
-    proto::{GetRequest, ReleaseManyRequest, ReserveManyRequest},
-    store,
-};
+use usage_service::proto::{GetRequest, ReleaseManyRequest, ReserveManyRequest};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
@@ -159,10 +156,7 @@ async fn counters_move_by_exactly_the_calls_made() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_errors_and_health_are_counted() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let db = TestDb::create().await;
-    let pool = store::connect_pool(&db.args()).expect("building the pool");
-    store::migrate::run(&pool).await.expect("migrating");
-    pool.close();
+    let db = common::migrated_db().await;
     let admin = common::admin_url();
     let upstream = database_host_port(&admin);
     let upstream_addr = tokio::net::lookup_host(upstream)

@@ -12,6 +12,7 @@ use crate::{
         self,
         backfill::{self, BackfillOptions, BackfillSummary},
         catalogue::Catalogue,
+        Store,
     },
 };
 
@@ -21,7 +22,8 @@ pub async fn run_command(args: BackfillArgs) -> anyhow::Result<()> {
     if !args.no_migrate {
         store::migrate::run(&pool).await?;
     }
-    let catalogue = Catalogue::validate(&pool, &args.catalogue.layout())
+    let store = Store::configured(pool, &args.database);
+    let catalogue = Catalogue::validate(&store, &args.catalogue.layout())
         .await
         .context("checking the product catalogue")?;
     let options = BackfillOptions {
@@ -44,7 +46,7 @@ pub async fn run_command(args: BackfillArgs) -> anyhow::Result<()> {
         )
         .context("the progress bar template")?,
     );
-    let summary = backfill::run(&pool, &catalogue, &options, |progress| {
+    let summary = backfill::run(&store, &catalogue, &options, |progress| {
         bar.set_length(progress.users_estimate.max(progress.users_scanned));
         bar.set_position(progress.users_scanned);
         bar.set_message(format!("batch {}", progress.batches));

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::ReconcileArgs,
-    store::{self, catalogue::Catalogue, reconcile::Reconciler},
+    store::{self, catalogue::Catalogue, reconcile::Reconciler, Store},
     usage::drift::DriftReport,
 };
 
@@ -34,11 +34,11 @@ pub async fn schedule(reconciler: Reconciler, interval: Duration, mut stop: watc
 
 /// `usage-service reconcile`: one pass, its report printed on stdout.
 pub async fn run_command(args: ReconcileArgs) -> anyhow::Result<()> {
-    let pool = store::connect_pool(&args.database)?;
-    let catalogue = Catalogue::validate(&pool, &args.catalogue.layout())
+    let store = Store::configured(store::connect_pool(&args.database)?, &args.database);
+    let catalogue = Catalogue::validate(&store, &args.catalogue.layout())
         .await
         .context("checking the product catalogue")?;
-    let reconciler = Reconciler::new(pool, Arc::new(catalogue), args.catalogue.orphan_grace);
+    let reconciler = Reconciler::new(store, Arc::new(catalogue), args.catalogue.orphan_grace);
 
     let report = match &args.user_id {
         Some(user_id) => {

@@ -7,8 +7,8 @@
 
 use std::time::SystemTime;
 
-use deadpool_postgres::Pool;
-use tokio_postgres::{IsolationLevel, Row};
+use deadpool_postgres::Object;
+use tokio_postgres::{types::Type, IsolationLevel, Row};
 
 use super::{sql, usage_from_row, Store, StoreError};
 use crate::usage::{
@@ -50,11 +50,17 @@ impl Store {
         caller: &Caller,
     ) -> Result<UserChange, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::SET_TIER).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
-                &[&user_id, &feature, &tier, &caller.actor, &caller.request_id],
+                &client,
+                sql::SET_TIER,
+                &[
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&tier, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
+                ],
             )
             .await?;
         user_change(user_id, feature, &row)
@@ -69,18 +75,18 @@ impl Store {
         caller: &Caller,
     ) -> Result<UserChange, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::SET_OVERRIDE).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::SET_OVERRIDE,
                 &[
-                    &user_id,
-                    &feature,
-                    &limit.usage_limit,
-                    &limit.expires_at,
-                    &limit.reason,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&limit.usage_limit, Type::INT8),
+                    (&limit.expires_at, Type::TIMESTAMPTZ),
+                    (&limit.reason, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -96,16 +102,16 @@ impl Store {
         caller: &Caller,
     ) -> Result<UserChange, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::CLEAR_OVERRIDE).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::CLEAR_OVERRIDE,
                 &[
-                    &user_id,
-                    &feature,
-                    &reason,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&reason, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -123,17 +129,17 @@ impl Store {
         caller: &Caller,
     ) -> Result<TierLimitChange, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::SET_TIER_LIMIT).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::SET_TIER_LIMIT,
                 &[
-                    &tier,
-                    &feature,
-                    &usage_limit,
-                    &reason,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&tier, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&usage_limit, Type::INT8),
+                    (&reason, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -167,36 +173,42 @@ impl Store {
         let tier = filter.tier.as_deref();
         let rows = match filter.order {
             ListOrder::UserId => {
-                let statement = client.prepare_cached(sql::LIST_ALL).await?;
                 let after = after.map_or("", |key| key.user_id.as_str());
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-                    &feature,
-                    &tier,
-                    &filter.min_utilization,
-                    &filter.over_limit_only,
-                    &after,
-                    &limit,
-                ];
-                client.query(&statement, &params).await?
+                self.query(
+                    &client,
+                    sql::LIST_ALL,
+                    &[
+                        (&feature, Type::TEXT),
+                        (&tier, Type::TEXT),
+                        (&filter.min_utilization, Type::FLOAT8),
+                        (&filter.over_limit_only, Type::BOOL),
+                        (&after, Type::TEXT),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await?
             }
             ListOrder::CurrentUsageDesc => {
-                let statement = client.prepare_cached(sql::LIST_ALL_BY_USAGE).await?;
                 let (usage, user) =
                     after.map_or((i64::MAX, ""), |k| (k.current_usage, k.user_id.as_str()));
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-                    &feature,
-                    &tier,
-                    &filter.min_utilization,
-                    &filter.over_limit_only,
-                    &usage,
-                    &user,
-                    &limit,
-                ];
-                client.query(&statement, &params).await?
+                self.query(
+                    &client,
+                    sql::LIST_ALL_BY_USAGE,
+                    &[
+                        (&feature, Type::TEXT),
+                        (&tier, Type::TEXT),
+                        (&filter.min_utilization, Type::FLOAT8),
+                        (&filter.over_limit_only, Type::BOOL),
+                        (&usage, Type::INT8),
+                        (&user, Type::TEXT),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await?
             }
         };
         if rows.is_empty() {
-            ensure_feature(&client, feature).await?;
+            self.ensure_feature(&client, feature).await?;
         }
 
         let usages = usages_from_rows(feature, &rows)?;
@@ -216,7 +228,7 @@ impl Store {
     /// other. The read-only transaction runs in a task of its own, so a
     /// caller that goes away cannot leave it open.
     pub async fn summary(&self, feature: &str) -> Result<Summary, StoreError> {
-        let task = tokio::spawn(read_summary(self.pool.clone(), feature.to_owned()));
+        let task = tokio::spawn(read_summary(self.clone(), feature.to_owned()));
         match task.await {
             Ok(result) => result,
             Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
@@ -239,33 +251,39 @@ impl Store {
         let before = before.unwrap_or(i64::MAX);
         let rows = match filter.user_id.as_deref() {
             Some(user_id) => {
-                let statement = client.prepare_cached(sql::LIST_EVENTS_USER).await?;
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-                    &user_id,
-                    &feature,
-                    &actions,
-                    &filter.since,
-                    &filter.until,
-                    &before,
-                    &limit,
-                ];
-                client.query(&statement, &params).await?
+                self.query(
+                    &client,
+                    sql::LIST_EVENTS_USER,
+                    &[
+                        (&user_id, Type::TEXT),
+                        (&feature, Type::TEXT),
+                        (&actions, Type::TEXT_ARRAY),
+                        (&filter.since, Type::TIMESTAMPTZ),
+                        (&filter.until, Type::TIMESTAMPTZ),
+                        (&before, Type::INT8),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await?
             }
             None => {
-                let statement = client.prepare_cached(sql::LIST_EVENTS).await?;
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-                    &feature,
-                    &actions,
-                    &filter.since,
-                    &filter.until,
-                    &before,
-                    &limit,
-                ];
-                client.query(&statement, &params).await?
+                self.query(
+                    &client,
+                    sql::LIST_EVENTS,
+                    &[
+                        (&feature, Type::TEXT),
+                        (&actions, Type::TEXT_ARRAY),
+                        (&filter.since, Type::TIMESTAMPTZ),
+                        (&filter.until, Type::TIMESTAMPTZ),
+                        (&before, Type::INT8),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await?
             }
         };
         if rows.is_empty() {
-            ensure_feature(&client, feature).await?;
+            self.ensure_feature(&client, feature).await?;
         }
 
         let events = rows
@@ -276,11 +294,25 @@ impl Store {
         let next = full_page.then(|| events.last().map(|e| e.id)).flatten();
         Ok(EventPage { events, next })
     }
+
+    /// Fails with [`StoreError::UnknownFeature`] unless `feature` exists: an
+    /// empty page of an unknown feature is a mistake worth reporting.
+    async fn ensure_feature(&self, client: &Object, feature: &str) -> Result<(), StoreError> {
+        let known: bool = self
+            .query_one(client, sql::FEATURE_EXISTS, &[(&feature, Type::TEXT)])
+            .await?
+            .try_get(0)?;
+        if known {
+            Ok(())
+        } else {
+            Err(StoreError::UnknownFeature(feature.to_owned()))
+        }
+    }
 }
 
 /// The summary's three reads, in one repeatable-read, read-only transaction.
-async fn read_summary(pool: Pool, feature: String) -> Result<Summary, StoreError> {
-    let mut client = pool.get().await?;
+async fn read_summary(store: Store, feature: String) -> Result<Summary, StoreError> {
+    let mut client = store.pool().get().await?;
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -288,10 +320,17 @@ async fn read_summary(pool: Pool, feature: String) -> Result<Summary, StoreError
         .start()
         .await?;
 
-    let statement = tx.prepare_cached(sql::SUMMARY_TIERS).await?;
     let (near_num, near_den) = NEAR_LIMIT;
-    let rows = tx
-        .query(&statement, &[&feature, &near_num, &near_den])
+    let rows = store
+        .query(
+            &tx,
+            sql::SUMMARY_TIERS,
+            &[
+                (&feature, Type::TEXT),
+                (&near_num, Type::INT8),
+                (&near_den, Type::INT8),
+            ],
+        )
         .await?;
     if rows.is_empty() {
         return Err(StoreError::UnknownFeature(feature));
@@ -310,23 +349,24 @@ async fn read_summary(pool: Pool, feature: String) -> Result<Summary, StoreError
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
 
-    let statement = tx.prepare_cached(sql::SUMMARY_REFUSALS).await?;
-    let refusals = tx.query_one(&statement, &[&feature]).await?;
+    let refusals = store
+        .query_one(&tx, sql::SUMMARY_REFUSALS, &[(&feature, Type::TEXT)])
+        .await?;
 
-    let statement = tx.prepare_cached(sql::LIST_ALL_BY_USAGE).await?;
     let no_tier: Option<&str> = None;
     let no_utilization: Option<f64> = None;
-    let top = tx
+    let top = store
         .query(
-            &statement,
+            &tx,
+            sql::LIST_ALL_BY_USAGE,
             &[
-                &feature,
-                &no_tier,
-                &no_utilization,
-                &false,
-                &i64::MAX,
-                &"",
-                &TOP_USERS,
+                (&feature, Type::TEXT),
+                (&no_tier, Type::TEXT),
+                (&no_utilization, Type::FLOAT8),
+                (&false, Type::BOOL),
+                (&i64::MAX, Type::INT8),
+                (&"", Type::TEXT),
+                (&TOP_USERS, Type::INT8),
             ],
         )
         .await?;
@@ -341,21 +381,6 @@ async fn read_summary(pool: Pool, feature: String) -> Result<Summary, StoreError
         top_users,
         computed_at: refusals.try_get::<_, SystemTime>("computed_at")?,
     })
-}
-
-/// Fails with [`StoreError::UnknownFeature`] unless `feature` exists: an
-/// empty page of an unknown feature is a mistake worth reporting.
-async fn ensure_feature(
-    client: &deadpool_postgres::Client,
-    feature: &str,
-) -> Result<(), StoreError> {
-    let exists = client.prepare_cached(sql::FEATURE_EXISTS).await?;
-    let known: bool = client.query_one(&exists, &[&feature]).await?.try_get(0)?;
-    if known {
-        Ok(())
-    } else {
-        Err(StoreError::UnknownFeature(feature.to_owned()))
-    }
 }
 
 /// Reads the answer of a stored function changing one user.

@@ -20,13 +20,14 @@ use std::{
     time::Duration,
 };
 
-use deadpool_postgres::Pool;
+use tokio_postgres::types::Type;
 use tracing::info;
 
 use super::{
     catalogue::Catalogue,
+    job_lock,
     ledger::{self, AuditStyle},
-    sql, StoreError,
+    sql, Store, StoreError,
 };
 use crate::usage::drift::Repair;
 
@@ -141,36 +142,22 @@ impl From<deadpool_postgres::PoolError> for BackfillError {
 
 /// Runs a backfill of `catalogue` to the end, calling `on_progress` after
 /// every batch. Memory holds one batch at a time, whatever the number of users.
+/// A dry run takes no lock: it writes nothing, so it may overlap anything.
 pub async fn run(
-    pool: &Pool,
+    store: &Store,
     catalogue: &Catalogue,
     options: &BackfillOptions,
     mut on_progress: impl FnMut(&BackfillProgress) + Send,
 ) -> Result<BackfillSummary, BackfillError> {
     let feature = catalogue.feature();
-    let lock_client = pool.get().await?;
-    if !options.dry_run {
-        let locked: bool = lock_client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&BACKFILL_LOCK_KEY])
+    let job = batches(store, catalogue, options, &mut on_progress);
+    let summary = if options.dry_run {
+        job.await?
+    } else {
+        job_lock::run_alone(store, BACKFILL_LOCK_KEY, job)
             .await?
-            .get(0);
-        if !locked {
-            return Err(BackfillError::AlreadyRunning);
-        }
-    }
-
-    let result = batches(pool, catalogue, options, &mut on_progress).await;
-
-    if !options.dry_run {
-        let unlocked = lock_client
-            .execute("SELECT pg_advisory_unlock($1)", &[&BACKFILL_LOCK_KEY])
-            .await;
-        if unlocked.is_err() {
-            // Closing the session is what frees a session lock for sure.
-            drop(deadpool_postgres::Object::take(lock_client));
-        }
-    }
-    let summary = result?;
+            .ok_or(BackfillError::AlreadyRunning)?
+    };
     info!(
         feature,
         dry_run = summary.dry_run,
@@ -204,13 +191,13 @@ struct Tally {
 }
 
 async fn batches<F: FnMut(&BackfillProgress) + Send>(
-    pool: &Pool,
+    store: &Store,
     catalogue: &Catalogue,
     options: &BackfillOptions,
     on_progress: &mut F,
 ) -> Result<BackfillSummary, BackfillError> {
     let feature = catalogue.feature();
-    let client = pool.get().await?;
+    let client = store.pool().get().await?;
     let mut summary = BackfillSummary {
         dry_run: options.dry_run,
         ..BackfillSummary::default()
@@ -218,13 +205,22 @@ async fn batches<F: FnMut(&BackfillProgress) + Send>(
 
     let mut after = String::new();
     if options.restart && !options.dry_run {
-        client
-            .execute(sql::BACKFILL_CHECKPOINT_CLEAR, &[&feature])
+        store
+            .query(
+                &client,
+                sql::BACKFILL_CHECKPOINT_CLEAR,
+                &[(&feature, Type::TEXT)],
+            )
             .await?;
     } else if !options.restart {
-        if let Some(row) = client
-            .query_opt(sql::BACKFILL_CHECKPOINT_GET, &[&feature])
+        if let Some(row) = store
+            .query(
+                &client,
+                sql::BACKFILL_CHECKPOINT_GET,
+                &[(&feature, Type::TEXT)],
+            )
             .await?
+            .first()
         {
             after = row.try_get(0).map_err(StoreError::from)?;
             info!(feature, last_user_id = %after, "resuming an interrupted backfill");
@@ -232,8 +228,8 @@ async fn batches<F: FnMut(&BackfillProgress) + Send>(
         }
     }
 
-    let users_estimate: i64 = client
-        .query_one(catalogue.count_users_sql(), &[])
+    let users_estimate: i64 = store
+        .query_one(&client, catalogue.count_users_sql(), &[])
         .await?
         .try_get(0)
         .map_err(StoreError::from)?;
@@ -255,13 +251,17 @@ async fn batches<F: FnMut(&BackfillProgress) + Send>(
     });
     let on_progress = Mutex::new(on_progress);
     let workers = (0..options.workers.max(1))
-        .map(|_| worker(pool, catalogue, options, &cursor, &tally, &on_progress));
+        .map(|_| worker(store, catalogue, options, &cursor, &tally, &on_progress));
     futures::future::try_join_all(workers).await?;
 
     if !options.dry_run {
-        pool.get()
-            .await?
-            .execute(sql::BACKFILL_CHECKPOINT_CLEAR, &[&feature])
+        let client = store.pool().get().await?;
+        store
+            .query(
+                &client,
+                sql::BACKFILL_CHECKPOINT_CLEAR,
+                &[(&feature, Type::TEXT)],
+            )
             .await?;
     }
     let tally = tally.into_inner().unwrap_or_else(PoisonError::into_inner);
@@ -272,7 +272,7 @@ async fn batches<F: FnMut(&BackfillProgress) + Send>(
 /// its own on this worker's connection. Batches of different workers hold
 /// different users, so their locks never meet.
 async fn worker<F: FnMut(&BackfillProgress) + Send>(
-    pool: &Pool,
+    store: &Store,
     catalogue: &Catalogue,
     options: &BackfillOptions,
     cursor: &tokio::sync::Mutex<Cursor>,
@@ -280,7 +280,7 @@ async fn worker<F: FnMut(&BackfillProgress) + Send>(
     on_progress: &Mutex<&mut F>,
 ) -> Result<(), BackfillError> {
     let feature = catalogue.feature();
-    let mut client = pool.get().await?;
+    let mut client = store.pool().get().await?;
     let page_size = options.batch_size.max(1) as i64;
     loop {
         let (batch, users) = {
@@ -288,10 +288,15 @@ async fn worker<F: FnMut(&BackfillProgress) + Send>(
             if cursor.exhausted {
                 return Ok(());
             }
-            let users: Vec<String> = client
+            let users: Vec<String> = store
                 .query(
+                    &client,
                     catalogue.users_after_sql(),
-                    &[&feature, &cursor.after, &page_size],
+                    &[
+                        (&feature, Type::TEXT),
+                        (&cursor.after, Type::TEXT),
+                        (&page_size, Type::INT8),
+                    ],
                 )
                 .await?
                 .iter()
@@ -308,7 +313,7 @@ async fn worker<F: FnMut(&BackfillProgress) + Send>(
         };
         let last = users.last().cloned().unwrap_or_default();
 
-        let repairs = one_batch(&mut client, catalogue, options, &users).await?;
+        let repairs = one_batch(store, &mut client, catalogue, options, &users).await?;
 
         let checkpoint = {
             let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
@@ -347,8 +352,12 @@ async fn worker<F: FnMut(&BackfillProgress) + Send>(
         // it skips no user. A kill before this write only means the next run
         // repeats a batch, which then changes nothing.
         if let (Some(checkpoint), false) = (checkpoint, options.dry_run) {
-            client
-                .execute(sql::BACKFILL_CHECKPOINT_SET, &[&feature, &checkpoint])
+            store
+                .query(
+                    &client,
+                    sql::BACKFILL_CHECKPOINT_SET,
+                    &[(&feature, Type::TEXT), (&checkpoint, Type::TEXT)],
+                )
                 .await?;
         }
     }
@@ -357,12 +366,13 @@ async fn worker<F: FnMut(&BackfillProgress) + Send>(
 /// Scans one batch and, unless dry, repairs the users that need it in one
 /// transaction. Returns the repairs made (or proposed).
 async fn one_batch(
+    store: &Store,
     client: &mut deadpool_postgres::Object,
     catalogue: &Catalogue,
     options: &BackfillOptions,
     users: &[String],
 ) -> Result<Vec<Repair>, BackfillError> {
-    let scanned = ledger::scan(&***client, catalogue, users, options.orphan_grace).await?;
+    let scanned = ledger::scan(store, &*client, catalogue, users, options.orphan_grace).await?;
     let needed: Vec<Repair> = scanned
         .iter()
         .map(Repair::plan)
@@ -380,13 +390,22 @@ async fn one_batch(
         .map(|r| r.user_id.clone())
         .collect();
     let created: HashSet<&str> = create.iter().map(String::as_str).collect();
-    let locked = ledger::lock(&tx, catalogue, &lock_users, &create, options.orphan_grace).await?;
+    let locked = ledger::lock(
+        store,
+        &tx,
+        catalogue,
+        &lock_users,
+        &create,
+        options.orphan_grace,
+    )
+    .await?;
     let mut repairs: Vec<Repair> = locked.iter().map(Repair::plan).collect();
     // A user created in this transaction counts as created.
     for repair in &mut repairs {
         repair.has_row = !created.contains(repair.user_id.as_str());
     }
     ledger::apply(
+        store,
         &tx,
         catalogue.feature(),
         &repairs,

@@ -8,9 +8,9 @@
 
 use std::fmt;
 
-use deadpool_postgres::Pool;
+use tokio_postgres::types::Type;
 
-use super::{sql, StoreError};
+use super::{sql, Store, StoreError};
 
 /// Where the catalogue keeps its products.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,21 +108,23 @@ impl Catalogue {
     /// Checks `layout` against the database: the table exists, has the three
     /// columns, and the feature is known. Fails with a message naming the
     /// flag to fix.
-    pub async fn validate(pool: &Pool, layout: &CatalogueLayout) -> Result<Self, CatalogueError> {
-        let client = pool.get().await?;
-        let rows = client
+    pub async fn validate(store: &Store, layout: &CatalogueLayout) -> Result<Self, CatalogueError> {
+        let client = store.pool().get().await?;
+        let rows = store
             .query(
+                &client,
                 sql::CATALOGUE_COLUMNS,
-                &[&layout.schema.as_deref(), &layout.table],
+                &[(&layout.schema, Type::TEXT), (&layout.table, Type::TEXT)],
             )
             .await?;
         let Some(first) = rows.first() else {
             let schema: String = match &layout.schema {
                 Some(schema) => schema.clone(),
-                None => client
-                    .query_one("SELECT current_schema()::text", &[])
+                None => store
+                    .query_one(&client, "SELECT current_schema()::text", &[])
                     .await?
-                    .get(0),
+                    .try_get(0)
+                    .map_err(StoreError::from)?,
             };
             return Err(CatalogueError::TableNotFound {
                 schema,
@@ -152,8 +154,12 @@ impl Catalogue {
             }
         }
 
-        let known: bool = client
-            .query_one(sql::FEATURE_EXISTS, &[&layout.feature])
+        let known: bool = store
+            .query_one(
+                &client,
+                sql::FEATURE_EXISTS,
+                &[(&layout.feature, Type::TEXT)],
+            )
             .await?
             .try_get(0)
             .map_err(StoreError::from)?;

@@ -14,7 +14,7 @@ use std::{fmt, time::Duration};
 
 use tokio_postgres::types::Type;
 
-use super::{sql, Discrepancy, Store, StoreError};
+use super::{job_lock, sql, Discrepancy, Store, StoreError};
 use crate::usage::history::{History, HistoryViolation, Observed};
 
 /// How strict [`Store::check`] is.
@@ -139,8 +139,13 @@ impl Store {
         }
 
         let idle_after = options.idle_in_transaction_after.as_secs_f64();
+        let job_locks = job_lock::KEYS.as_slice();
         for row in self
-            .query(&client, sql::CHECK_IDLE, &[(&idle_after, Type::FLOAT8)])
+            .query(
+                &client,
+                sql::CHECK_IDLE,
+                &[(&idle_after, Type::FLOAT8), (&job_locks, Type::INT8_ARRAY)],
+            )
             .await?
         {
             violations.push(Violation::IdleInTransaction(IdleTransaction {

@@ -3,6 +3,8 @@
 
 use std::time::SystemTime;
 
+use tokio_postgres::types::Type;
+
 use super::{usage_from_row, Store, StoreError};
 use crate::usage::{
     Caller, ConfirmOutcome, ReleaseManyOutcome, ReserveAction, ReserveManyOutcome, Usage,
@@ -78,10 +80,19 @@ impl Store {
         quantity: i64,
     ) -> Result<(bool, Usage), StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::CHECK_QUOTA).await?;
-        let row = client
-            .query_opt(&statement, &[&user_id, &feature, &quantity])
+        let row = self
+            .query(
+                &client,
+                sql::CHECK_QUOTA,
+                &[
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&quantity, Type::INT8),
+                ],
+            )
             .await?
+            .into_iter()
+            .next()
             .ok_or_else(|| StoreError::UnknownFeature(feature.to_owned()))?;
         Ok((
             row.try_get("allowed")?,
@@ -101,17 +112,17 @@ impl Store {
     ) -> Result<ReserveManyOutcome, StoreError> {
         let _turn = self.write_turn(user_id, feature).await?;
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::RESERVE_MANY).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::RESERVE_MANY,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_ids,
-                    &action.as_audit_action(),
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_ids, Type::TEXT_ARRAY),
+                    (&action.as_audit_action(), Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -143,16 +154,16 @@ impl Store {
     ) -> Result<ReleaseManyOutcome, StoreError> {
         let _turn = self.write_turn(user_id, feature).await?;
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::RELEASE_MANY).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::RELEASE_MANY,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_ids,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_ids, Type::TEXT_ARRAY),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -180,16 +191,16 @@ impl Store {
     ) -> Result<ConfirmOutcome, StoreError> {
         let _turn = self.write_turn(user_id, feature).await?;
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::CONFIRM).await?;
-        let row = client
+        let row = self
             .query_one(
-                &statement,
+                &client,
+                sql::CONFIRM,
                 &[
-                    &user_id,
-                    &feature,
-                    &product_id,
-                    &caller.actor,
-                    &caller.request_id,
+                    (&user_id, Type::TEXT),
+                    (&feature, Type::TEXT),
+                    (&product_id, Type::TEXT),
+                    (&caller.actor, Type::TEXT),
+                    (&caller.request_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -211,13 +222,20 @@ impl Store {
     /// transaction (and one row lock) per user. Returns how many holds.
     pub async fn expire_holds(&self, max_users: i64) -> Result<i64, StoreError> {
         let client = self.connection().await?;
-        let users = client.query(sql::EXPIRED_HOLDS, &[&max_users]).await?;
-        let expire = client.prepare_cached(sql::EXPIRE_HOLDS).await?;
+        let users = self
+            .query(&client, sql::EXPIRED_HOLDS, &[(&max_users, Type::INT8)])
+            .await?;
         let mut freed = 0_i64;
         for user in users {
             let user_id: &str = user.try_get("user_id")?;
             let feature: &str = user.try_get("feature_name")?;
-            let row = client.query_one(&expire, &[&user_id, &feature]).await?;
+            let row = self
+                .query_one(
+                    &client,
+                    sql::EXPIRE_HOLDS,
+                    &[(&user_id, Type::TEXT), (&feature, Type::TEXT)],
+                )
+                .await?;
             freed += i64::from(row.try_get::<_, i32>(0)?);
         }
         Ok(freed)
@@ -226,8 +244,8 @@ impl Store {
     /// The newest event id (0 when there is none).
     pub async fn newest_event_id(&self) -> Result<i64, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::EVENTS_MAX_ID).await?;
-        Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
+        let row = self.query_one(&client, sql::EVENTS_MAX_ID, &[]).await?;
+        Ok(row.try_get(0)?)
     }
 
     /// Ids of the events after `after` and of those among `missing` that have
@@ -240,9 +258,16 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<i64>, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::EVENTS_IDS).await?;
-        let rows = client
-            .query(&statement, &[&after, &missing, &limit])
+        let rows = self
+            .query(
+                &client,
+                sql::EVENTS_IDS,
+                &[
+                    (&after, Type::INT8),
+                    (&missing, Type::INT8_ARRAY),
+                    (&limit, Type::INT8),
+                ],
+            )
             .await?;
         rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
     }
@@ -254,15 +279,15 @@ impl Store {
         filter: &EventFilter,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let client = self.connection().await?;
-        let statement = client.prepare_cached(sql::EVENTS_BY_ID).await?;
-        let rows = client
+        let rows = self
             .query(
-                &statement,
+                &client,
+                sql::EVENTS_BY_ID,
                 &[
-                    &ids,
-                    &filter.user_id,
-                    &filter.feature,
-                    &filter.thresholds_only,
+                    (&ids, Type::INT8_ARRAY),
+                    (&filter.user_id, Type::TEXT),
+                    (&filter.feature, Type::TEXT),
+                    (&filter.thresholds_only, Type::BOOL),
                 ],
             )
             .await?;

@@ -10,9 +10,10 @@ use std::{
     time::Duration,
 };
 
-use tokio_postgres::{types::ToSql, GenericClient, Transaction};
+use deadpool_postgres::Transaction;
+use tokio_postgres::types::Type;
 
-use super::{catalogue::Catalogue, sql, StoreError};
+use super::{catalogue::Catalogue, sql, statements::Param, Connection, Store, StoreError};
 use crate::usage::drift::{LedgerSlot, Repair, UserSnapshot};
 
 /// How the audit trail records a repair.
@@ -35,18 +36,24 @@ impl AuditStyle {
 
 /// The users in `users`, read without locking (a scan or a dry run).
 pub(crate) async fn scan(
-    client: &impl GenericClient,
+    store: &Store,
+    client: &impl Connection,
     catalogue: &Catalogue,
     users: &[String],
     grace: Duration,
 ) -> Result<Vec<UserSnapshot>, StoreError> {
-    let counters = client
-        .query(sql::LEDGER_USAGE, &[&catalogue.feature(), &users])
+    let feature = catalogue.feature();
+    let counters = store
+        .query(
+            client,
+            sql::LEDGER_USAGE,
+            &[(&feature, Type::TEXT), (&users, Type::TEXT_ARRAY)],
+        )
         .await?;
-    let mut snapshots = read_rest(client, catalogue, grace, counters).await?;
+    let mut snapshots = read_rest(store, client, catalogue, grace, counters).await?;
     if snapshots.len() < users.len() {
-        let default_limit: Option<i64> = client
-            .query_one(sql::LEDGER_DEFAULT_LIMIT, &[&catalogue.feature()])
+        let default_limit: Option<i64> = store
+            .query_one(client, sql::LEDGER_DEFAULT_LIMIT, &[(&feature, Type::TEXT)])
             .await?
             .try_get(0)?;
         let known: HashSet<String> = snapshots.iter().map(|s| s.user_id.clone()).collect();
@@ -68,7 +75,7 @@ pub(crate) async fn scan(
                 live_products: Vec::new(),
             })
             .collect();
-        snapshots.extend(fill(client, catalogue, counters, grace).await?);
+        snapshots.extend(fill(store, client, catalogue, counters, grace).await?);
     }
     Ok(snapshots)
 }
@@ -77,26 +84,38 @@ pub(crate) async fn scan(
 /// reads them: from here to commit no Reserve or Release of these users runs,
 /// so the snapshots stay exact. `users` must be sorted.
 pub(crate) async fn lock(
+    store: &Store,
     tx: &Transaction<'_>,
     catalogue: &Catalogue,
     users: &[String],
     create: &[String],
     grace: Duration,
 ) -> Result<Vec<UserSnapshot>, StoreError> {
+    let feature = catalogue.feature();
     if !create.is_empty() {
-        tx.execute(sql::LEDGER_CREATE_USERS, &[&catalogue.feature(), &create])
+        store
+            .query(
+                tx,
+                sql::LEDGER_CREATE_USERS,
+                &[(&feature, Type::TEXT), (&create, Type::TEXT_ARRAY)],
+            )
             .await?;
     }
-    let counters = tx
-        .query(sql::LEDGER_LOCK, &[&catalogue.feature(), &users])
+    let counters = store
+        .query(
+            tx,
+            sql::LEDGER_LOCK,
+            &[(&feature, Type::TEXT), (&users, Type::TEXT_ARRAY)],
+        )
         .await?;
-    read_rest(tx, catalogue, grace, counters).await
+    read_rest(store, tx, catalogue, grace, counters).await
 }
 
 /// Snapshots of the users whose counter rows are `counters`, completed with
 /// their slots and live products.
 async fn read_rest(
-    client: &impl GenericClient,
+    store: &Store,
+    client: &impl Connection,
     catalogue: &Catalogue,
     grace: Duration,
     counters: Vec<tokio_postgres::Row>,
@@ -114,12 +133,13 @@ async fn read_rest(
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    fill(client, catalogue, snapshots, grace).await
+    fill(store, client, catalogue, snapshots, grace).await
 }
 
 /// Adds to each snapshot its slots and live products.
 async fn fill(
-    client: &impl GenericClient,
+    store: &Store,
+    client: &impl Connection,
     catalogue: &Catalogue,
     mut snapshots: Vec<UserSnapshot>,
     grace: Duration,
@@ -134,14 +154,23 @@ async fn fill(
         .map(|(i, u)| ((*u).to_owned(), i))
         .collect();
 
-    let slots = client
+    let slots = store
         .query(
+            client,
             sql::LEDGER_SLOTS,
-            &[&catalogue.feature(), &users, &grace.as_secs_f64()],
+            &[
+                (&catalogue.feature(), Type::TEXT),
+                (&users, Type::TEXT_ARRAY),
+                (&grace.as_secs_f64(), Type::FLOAT8),
+            ],
         )
         .await?;
-    let live = client
-        .query(catalogue.live_products_sql(), &[&users])
+    let live = store
+        .query(
+            client,
+            catalogue.live_products_sql(),
+            &[(&users, Type::TEXT_ARRAY)],
+        )
         .await?;
     for row in slots {
         let user_id: &str = row.try_get("user_id")?;
@@ -170,6 +199,7 @@ async fn fill(
 /// released and taken, counters set, and the audit rows. The audit rows start
 /// from each user's audited sum, so the trail sums to the new counter.
 pub(crate) async fn apply(
+    store: &Store,
     tx: &Transaction<'_>,
     feature: &str,
     repairs: &[Repair],
@@ -182,8 +212,12 @@ pub(crate) async fn apply(
     }
     let users: Vec<&str> = repairs.iter().map(|r| r.user_id.as_str()).collect();
 
-    let audited: HashMap<String, i64> = tx
-        .query(sql::LEDGER_AUDITED, &[&feature, &users])
+    let audited: HashMap<String, i64> = store
+        .query(
+            tx,
+            sql::LEDGER_AUDITED,
+            &[(&feature, Type::TEXT), (&users, Type::TEXT_ARRAY)],
+        )
         .await?
         .iter()
         .map(|row| Ok((row.try_get("user_id")?, row.try_get("audited")?)))
@@ -200,19 +234,31 @@ pub(crate) async fn apply(
         }
         (owners, products)
     };
-    let (owners, products) = pairs(|r| &r.remove);
-    if !owners.is_empty() {
-        tx.execute(sql::LEDGER_REMOVE_SLOTS, &[&feature, &owners, &products])
-            .await?;
-    }
-    let (owners, products) = pairs(|r| &r.add);
-    if !owners.is_empty() {
-        tx.execute(sql::LEDGER_ADD_SLOTS, &[&feature, &owners, &products])
-            .await?;
+    for (statement, (owners, products)) in [
+        (sql::LEDGER_REMOVE_SLOTS, pairs(|r| &r.remove)),
+        (sql::LEDGER_ADD_SLOTS, pairs(|r| &r.add)),
+    ] {
+        if !owners.is_empty() {
+            let params: [Param<'_>; 3] = [
+                (&feature, Type::TEXT),
+                (&owners, Type::TEXT_ARRAY),
+                (&products, Type::TEXT_ARRAY),
+            ];
+            store.query(tx, statement, &params).await?;
+        }
     }
 
     let usages: Vec<i64> = repairs.iter().map(|r| r.usage_after).collect();
-    tx.execute(sql::LEDGER_SET_COUNTERS, &[&feature, &users, &usages])
+    store
+        .query(
+            tx,
+            sql::LEDGER_SET_COUNTERS,
+            &[
+                (&feature, Type::TEXT),
+                (&users, Type::TEXT_ARRAY),
+                (&usages, Type::INT8_ARRAY),
+            ],
+        )
         .await?;
 
     let mut rows = AuditRows::default();
@@ -223,7 +269,7 @@ pub(crate) async fn apply(
             AuditStyle::Reconcile => rows.reconcile(repair, audited),
         }
     }
-    rows.write(tx, feature, style, actor).await
+    rows.write(store, tx, feature, style, actor).await
 }
 
 /// The columns of the audit rows to insert, one vector per column.
@@ -286,24 +332,25 @@ impl AuditRows {
 
     async fn write(
         self,
+        store: &Store,
         tx: &Transaction<'_>,
         feature: &str,
         style: AuditStyle,
         actor: &str,
     ) -> Result<(), StoreError> {
-        let params: [&(dyn ToSql + Sync); 10] = [
-            &feature,
-            &style.action(),
-            &actor,
-            &self.user_id,
-            &self.product_id,
-            &self.usage_before,
-            &self.usage_after,
-            &self.old_value,
-            &self.new_value,
-            &self.reason,
+        let params: [Param<'_>; 10] = [
+            (&feature, Type::TEXT),
+            (&style.action(), Type::TEXT),
+            (&actor, Type::TEXT),
+            (&self.user_id, Type::TEXT_ARRAY),
+            (&self.product_id, Type::TEXT_ARRAY),
+            (&self.usage_before, Type::INT8_ARRAY),
+            (&self.usage_after, Type::INT8_ARRAY),
+            (&self.old_value, Type::TEXT_ARRAY),
+            (&self.new_value, Type::TEXT_ARRAY),
+            (&self.reason, Type::TEXT_ARRAY),
         ];
-        tx.execute(sql::LEDGER_AUDIT, &params).await?;
+        store.query(tx, sql::LEDGER_AUDIT, &params).await?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ mod check;
 mod coalesce;
 mod error;
 pub mod holds;
+mod job_lock;
 mod ledger;
 pub mod migrate;
 mod pool;
@@ -32,6 +33,7 @@ pub use check::{CheckOptions, IdleTransaction, LimitBreach, ProductDiscrepancy, 
 pub use error::StoreError;
 pub use holds::{EventFilter, StoredEvent};
 pub use pool::{connect_pool, statement_mode};
+pub(crate) use statements::Connection;
 pub use statements::StatementMode;
 
 use crate::usage::{Caller, ReleaseOutcome, ReserveAction, ReserveOutcome, Usage};
@@ -170,6 +172,13 @@ impl Store {
         }
     }
 
+    /// A store over `pool`, sending its statements as `args` say.
+    pub fn configured(pool: Pool, args: &crate::config::DatabaseArgs) -> Self {
+        Self::new(pool)
+            .with_statement_mode(statement_mode(args))
+            .with_batch_max(args.db_batch_max)
+    }
+
     /// The same store, sending its statements in `mode`.
     pub fn with_statement_mode(self, mode: StatementMode) -> Self {
         Self {
@@ -188,14 +197,26 @@ impl Store {
         }
     }
 
-    /// Runs one of the statements of [`sql`] in the store's mode.
+    /// Runs one of the store's statements on `conn` (a pooled connection or
+    /// a transaction), in the store's mode. Every statement goes this way, so
+    /// that behind a pooler none leaves a prepared statement behind.
     pub(crate) async fn query(
         &self,
-        client: &deadpool_postgres::Client,
+        conn: &impl Connection,
         sql: &str,
         params: &[statements::Param<'_>],
     ) -> Result<Vec<Row>, StoreError> {
-        statements::query(client, self.statements, sql, params).await
+        statements::query(conn, self.statements, sql, params).await
+    }
+
+    /// Like [`Store::query`], for a statement returning exactly one row.
+    pub(crate) async fn query_one(
+        &self,
+        conn: &impl Connection,
+        sql: &str,
+        params: &[statements::Param<'_>],
+    ) -> Result<Row, StoreError> {
+        statements::exactly_one(self.query(conn, sql, params).await?)
     }
 
     /// Runs a statement that may safely be sent twice, on a pooled
@@ -342,6 +363,15 @@ impl Store {
         self.gets
             .submit(&batches::Gets(self.clone()), (), key, wait)
             .await
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pool", &self.pool.status())
+            .field("statements", &self.statements)
+            .finish_non_exhaustive()
     }
 }
 

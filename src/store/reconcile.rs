@@ -12,19 +12,20 @@
 
 use std::{sync::Arc, time::Duration};
 
-use deadpool_postgres::Pool;
 use tokio::sync::watch;
+use tokio_postgres::types::Type;
 use tracing::{debug, info};
 
 use super::{
     catalogue::Catalogue,
+    job_lock,
     ledger::{self, AuditStyle},
-    StoreError,
+    Store, StoreError,
 };
 use crate::usage::drift::{DriftReport, Repair};
 
 /// Advisory lock key held by a pass over every user.
-const RECONCILE_LOCK_KEY: i64 = 0x7573_6167_655f_7263; // "usage_rc"
+pub(crate) const RECONCILE_LOCK_KEY: i64 = 0x7573_6167_655f_7263; // "usage_rc"
 
 /// Actor recorded in the audit rows a reconciliation writes.
 const ACTOR: &str = "usage-service reconcile";
@@ -35,7 +36,7 @@ const PAGE_SIZE: i64 = 1000;
 /// Reconciles the ledger of one catalogue.
 #[derive(Debug, Clone)]
 pub struct Reconciler {
-    pool: Pool,
+    store: Store,
     catalogue: Arc<Catalogue>,
     orphan_grace: Duration,
 }
@@ -43,9 +44,9 @@ pub struct Reconciler {
 impl Reconciler {
     /// A reconciler of `catalogue` that releases a slot without a live product
     /// only once it is older than `orphan_grace`.
-    pub fn new(pool: Pool, catalogue: Arc<Catalogue>, orphan_grace: Duration) -> Self {
+    pub fn new(store: Store, catalogue: Arc<Catalogue>, orphan_grace: Duration) -> Self {
         Self {
-            pool,
+            store,
             catalogue,
             orphan_grace,
         }
@@ -60,9 +61,16 @@ impl Reconciler {
     /// serialise it with everything else that touches this user.
     pub async fn user(&self, user_id: &str, dry_run: bool) -> Result<DriftReport, StoreError> {
         let mut report = DriftReport::new(self.feature(), dry_run);
-        let client = self.pool.get().await?;
+        let client = self.store.pool().get().await?;
         let users = [user_id.to_owned()];
-        let scanned = ledger::scan(&**client, &self.catalogue, &users, self.orphan_grace).await?;
+        let scanned = ledger::scan(
+            &self.store,
+            &client,
+            &self.catalogue,
+            &users,
+            self.orphan_grace,
+        )
+        .await?;
         drop(client);
 
         report.users_checked = 1;
@@ -80,12 +88,11 @@ impl Reconciler {
         stop: Option<watch::Receiver<bool>>,
     ) -> Result<DriftReport, StoreError> {
         let mut report = DriftReport::new(self.feature(), dry_run);
-        let lock_client = self.pool.get().await?;
-        let locked: bool = lock_client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&RECONCILE_LOCK_KEY])
+        let pass = self.pages(dry_run, stop, &mut report);
+        if job_lock::run_alone(&self.store, RECONCILE_LOCK_KEY, pass)
             .await?
-            .try_get(0)?;
-        if !locked {
+            .is_none()
+        {
             info!(
                 feature = self.feature(),
                 "reconciliation skipped: another one is running"
@@ -93,17 +100,6 @@ impl Reconciler {
             report.skipped = true;
             return Ok(report);
         }
-
-        let result = self.pages(dry_run, stop, &mut report).await;
-
-        let unlocked = lock_client
-            .execute("SELECT pg_advisory_unlock($1)", &[&RECONCILE_LOCK_KEY])
-            .await;
-        if unlocked.is_err() {
-            // Closing the session is what frees a session lock for sure.
-            drop(deadpool_postgres::Object::take(lock_client));
-        }
-        result?;
         info!(
             feature = self.feature(),
             dry_run,
@@ -129,11 +125,17 @@ impl Reconciler {
         let feature = self.feature();
         let mut after = String::new();
         loop {
-            let client = self.pool.get().await?;
-            let users: Vec<String> = client
+            let client = self.store.pool().get().await?;
+            let users: Vec<String> = self
+                .store
                 .query(
+                    &client,
                     self.catalogue.users_after_sql(),
-                    &[&feature, &after, &PAGE_SIZE],
+                    &[
+                        (&feature, Type::TEXT),
+                        (&after, Type::TEXT),
+                        (&PAGE_SIZE, Type::INT8),
+                    ],
                 )
                 .await?
                 .iter()
@@ -142,8 +144,14 @@ impl Reconciler {
             let Some(last) = users.last().cloned() else {
                 return Ok(());
             };
-            let scanned =
-                ledger::scan(&**client, &self.catalogue, &users, self.orphan_grace).await?;
+            let scanned = ledger::scan(
+                &self.store,
+                &client,
+                &self.catalogue,
+                &users,
+                self.orphan_grace,
+            )
+            .await?;
             drop(client);
 
             report.users_checked += users.len() as u64;
@@ -176,13 +184,29 @@ impl Reconciler {
             return Ok(());
         }
 
-        let mut client = self.pool.get().await?;
+        let mut client = self.store.pool().get().await?;
         let tx = client.transaction().await?;
         let users = [proposed.user_id.clone()];
         let create: &[String] = if proposed.has_row { &[] } else { &users };
-        let locked = ledger::lock(&tx, &self.catalogue, &users, create, self.orphan_grace).await?;
+        let locked = ledger::lock(
+            &self.store,
+            &tx,
+            &self.catalogue,
+            &users,
+            create,
+            self.orphan_grace,
+        )
+        .await?;
         let repairs: Vec<Repair> = locked.iter().map(Repair::plan).collect();
-        ledger::apply(&tx, self.feature(), &repairs, AuditStyle::Reconcile, ACTOR).await?;
+        ledger::apply(
+            &self.store,
+            &tx,
+            self.feature(),
+            &repairs,
+            AuditStyle::Reconcile,
+            ACTOR,
+        )
+        .await?;
         tx.commit().await?;
 
         for repair in &repairs {

@@ -1,10 +1,10 @@
 //! How statements reach PostgreSQL: prepared once per connection, or sent
 //! unnamed for poolers that cannot keep prepared statements.
 
-use deadpool_postgres::Client;
+use deadpool_postgres::{Object, StatementCache, Transaction};
 use tokio_postgres::{
     types::{ToSql, Type},
-    Row,
+    Client, Row,
 };
 
 use super::StoreError;
@@ -30,28 +30,64 @@ pub enum StatementMode {
 /// that the unnamed form needs no round trip to describe the statement).
 pub(crate) type Param<'a> = (&'a (dyn ToSql + Sync), Type);
 
+/// Where statements can be sent: a pooled connection, or a transaction open
+/// on one. Both reach the same driver client (a transaction's statements are
+/// sent through it too) and the same cache of the connection's prepared
+/// statements.
+pub(crate) trait Connection: Sync {
+    /// The driver's client of the connection.
+    fn client(&self) -> &Client;
+
+    /// The statements already prepared on the connection.
+    fn statement_cache(&self) -> &StatementCache;
+}
+
+impl Connection for Object {
+    fn client(&self) -> &Client {
+        self
+    }
+
+    fn statement_cache(&self) -> &StatementCache {
+        &self.statement_cache
+    }
+}
+
+impl Connection for Transaction<'_> {
+    fn client(&self) -> &Client {
+        tokio_postgres::Transaction::client(self)
+    }
+
+    fn statement_cache(&self) -> &StatementCache {
+        &self.statement_cache
+    }
+}
+
 /// Runs `sql` with `params` in the given mode.
 pub(crate) async fn query(
-    client: &Client,
+    conn: &impl Connection,
     mode: StatementMode,
     sql: &str,
     params: &[Param<'_>],
 ) -> Result<Vec<Row>, StoreError> {
-    Ok(query_unclassified(client, mode, sql, params).await?)
+    Ok(query_unclassified(conn, mode, sql, params).await?)
 }
 
 /// Like [`query`], with the driver's error as it is, for callers that look at
 /// it before it is classified.
 pub(crate) async fn query_unclassified(
-    client: &Client,
+    conn: &impl Connection,
     mode: StatementMode,
     sql: &str,
     params: &[Param<'_>],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let client = conn.client();
     match mode {
         StatementMode::Prepared => {
             let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-            let statement = client.prepare_typed_cached(sql, &types).await?;
+            let statement = conn
+                .statement_cache()
+                .prepare_typed(client, sql, &types)
+                .await?;
             let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
             client.query(&statement, &values).await
         }

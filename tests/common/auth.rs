@@ -21,7 +21,7 @@ use usage_service::{
     ServerOptions,
 };
 
-use super::{eventually, health_status, TestDb, TestServer};
+use super::{eventually, health_status, migrated_db, TestServer};
 
 /// The HS256 secret of [`hs256_options`].
 pub const SECRET: &[u8] = b"test-secret-0123456789-0123456789-abcdef";
@@ -192,11 +192,10 @@ impl TestServer {
     }
 
     async fn spawn_with_options(options: ServerOptions) -> Self {
-        let db = TestDb::create().await;
+        let db = migrated_db().await;
         let args = db.args();
         let pool = store::connect_pool(&args).expect("building the pool");
-        store::migrate::run(&pool).await.expect("migrating");
-        let store = Store::new(pool);
+        let store = Store::configured(pool, &args);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");

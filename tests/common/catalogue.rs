@@ -5,12 +5,11 @@
 use std::{sync::Arc, time::Duration};
 
 use usage_service::store::{
-    self,
     catalogue::{Catalogue, CatalogueLayout},
     reconcile::Reconciler,
 };
 
-use super::{TestDb, TestServer};
+use super::TestServer;
 
 /// The catalogue's schema, as shipped for tests and the example.
 pub const FIXTURE: &str = include_str!("../fixtures/catalogue.sql");
@@ -67,10 +66,10 @@ pub async fn catalogue_mismatches(sql: &tokio_postgres::Client) -> Vec<(String, 
 
 /// A reconciler of the default catalogue of `server`.
 pub async fn reconciler(server: &TestServer, grace: Duration) -> Reconciler {
-    let catalogue = Catalogue::validate(server.store.pool(), &CatalogueLayout::default())
+    let catalogue = Catalogue::validate(&server.store, &CatalogueLayout::default())
         .await
         .expect("the fixture catalogue is valid");
-    Reconciler::new(server.store.pool().clone(), Arc::new(catalogue), grace)
+    Reconciler::new(server.store.clone(), Arc::new(catalogue), grace)
 }
 
 impl TestServer {
@@ -86,13 +85,10 @@ impl TestServer {
         F: FnOnce(tokio_postgres::Client) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let db = TestDb::create().await;
+        let db = super::migrated_db().await;
         let args = db.args();
-        let pool = store::connect_pool(&args).expect("building the pool");
-        store::migrate::run(&pool).await.expect("migrating");
         setup(super::connect(&db.url).await).await;
 
-        pool.close();
         TestServer::start_on(db, args, |options| {
             options.catalogue = Some(CatalogueLayout::default());
             options.orphan_grace = grace;

@@ -162,10 +162,8 @@ impl TestServer {
     /// A migrated fresh database and a server on it, with `configure` applied
     /// to the default options.
     pub async fn start_configured(configure: impl FnOnce(&mut ServerOptions)) -> Self {
-        let db = TestDb::create().await;
+        let db = migrated_db().await;
         let args = db.args();
-        let pool = store::connect_pool(&args).expect("building the pool");
-        store::migrate::run(&pool).await.expect("migrating");
         Self::start_on(db, args, configure).await
     }
 
@@ -185,9 +183,7 @@ impl TestServer {
         configure: impl FnOnce(&mut ServerOptions),
     ) -> Self {
         let pool = store::connect_pool(&args).expect("building the pool");
-        let store = Store::new(pool)
-            .with_statement_mode(store::statement_mode(&args))
-            .with_batch_max(args.db_batch_max);
+        let store = Store::configured(pool, &args);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");
