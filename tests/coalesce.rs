@@ -254,7 +254,7 @@ async fn a_failing_call_does_not_fail_its_batch() {
 }
 
 /// Load: users holding 0 to 9 slots; the features table locked while the
-/// store's reads in flight wait in PostgreSQL and 12 more Gets queue: each
+/// store's Gets in flight wait in PostgreSQL and 12 more Gets queue: each
 /// of the 10 users, one never seen, and one for a feature that does not
 /// exist. Checks: the 12 are read in one statement, and each call gets its
 /// own user's usage, or INVALID_ARGUMENT for the unknown feature.
@@ -286,7 +286,7 @@ async fn queued_gets_are_read_together() {
         };
         tokio::spawn(async move { client.get(request).await.map(|r| r.into_inner()) })
     };
-    let reads = i64::try_from(store::reads_in_flight().min(16)).expect("a small number");
+    let reads = i64::try_from(store::gets_in_flight().min(16)).expect("a small number");
     let leaders: Vec<_> = (0..reads)
         .map(|n| get(format!("lead{n}"), "product_slot"))
         .collect();

@@ -84,6 +84,12 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     connections: usize,
 
+    /// Threads driving the calls. One is enough for tens of thousands of
+    /// calls per second, and leaves the other CPUs to the server and the
+    /// database when they share the machine (as pgbench's one or two).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+
     /// Process id of the server, to report its peak resident memory.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -159,7 +165,17 @@ impl Tally {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    let runtime = match args.threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    }
+    .enable_all()
+    .build()
+    .expect("starting the tokio runtime");
     match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(err) => {
