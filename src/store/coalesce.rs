@@ -254,7 +254,12 @@ impl<B: Batch> Drop for Turn<B> {
             key: self.key.clone(),
             batch: self.batch.clone(),
         };
-        tokio::spawn(async move {
+        // Outside a runtime (one shutting down) the queued calls are
+        // dropped unsent, and their callers get an error.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
             let (items, senders): (Vec<_>, Vec<_>) = queued
                 .into_iter()
                 .map(|queued| (queued.item, queued.answer))
@@ -413,6 +418,27 @@ mod tests {
         assert_eq!(second.await.unwrap().unwrap(), 1);
         assert_eq!(recorder.batches(), vec![vec![1]]);
         until(|| coalescer.lanes() == 0).await;
+    }
+
+    /// A queued call whose caller goes away is left out of the batch.
+    #[tokio::test]
+    async fn a_dropped_queued_call_is_not_sent() {
+        let coalescer = Arc::new(Coalescer::new("test", 1, 100));
+        let recorder = Recorder::default();
+        let first = recorder.call(&coalescer, "alice", 0, None);
+        until(|| recorder.started() == 1).await;
+        let dropped = recorder.call(&coalescer, "alice", 1, None);
+        let kept = recorder.call(&coalescer, "alice", 2, None);
+        until(|| queue_len(&coalescer, "alice") == 2).await;
+
+        dropped.abort();
+        let _ = dropped.await;
+        recorder.gate.notify_one();
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        until(|| recorder.started() == 2).await;
+        recorder.gate.notify_one();
+        assert_eq!(kept.await.unwrap().unwrap(), 2);
+        assert_eq!(recorder.batches(), vec![vec![0], vec![2]]);
     }
 
     /// No batch is larger than `max_batch`.
