@@ -104,6 +104,17 @@ pub struct DatabaseArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000)
     )]
     pub db_batch_max: usize,
+
+    /// Statements of Reserve and Release calls, and of Get calls, each kind
+    /// at most this many in PostgreSQL at once from this process; the calls
+    /// that arrive meanwhile queue and go together (see "Coalescing" in the
+    /// README). At most the pool's size. Default: the number of CPUs.
+    #[arg(
+        long,
+        env = "USAGE_DB_BATCHES_IN_FLIGHT",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000)
+    )]
+    pub db_batches_in_flight: Option<usize>,
 }
 
 /// Everything `serve` needs.
@@ -291,6 +302,7 @@ impl Default for DatabaseArgs {
             db_statement_timeout: Duration::from_secs(5),
             db_unnamed_statements: false,
             db_batch_max: 100,
+            db_batches_in_flight: None,
         }
     }
 }
@@ -315,11 +327,11 @@ pub fn redact_url(url: &str) -> String {
         .join(" ")
 }
 
-/// Enough connections for writes to share WAL flushes: a Reserve or Release
-/// spends most of its time waiting for its commit to reach the disk, and
-/// PostgreSQL makes all the commits waiting at that moment durable with one
-/// flush, so throughput grows with the commits in flight, not with the CPUs.
-/// Reads are limited separately (`store::reads_in_flight`).
+/// Room for every kind of statement at once: coalesced Reserves, Releases
+/// and Gets (`store::batches_in_flight` each), reads such as ListAll
+/// (`store::reads_in_flight`), ReserveMany, ReleaseMany and Confirm (each
+/// mostly waiting for its commit's WAL flush) and the background jobs, with
+/// connections to spare for bursts.
 fn default_pool_size() -> usize {
     (available_cpus() * 4).max(32)
 }

@@ -43,8 +43,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{server::TcpIncoming, Server};
 use tracing::info;
 
 use crate::{
@@ -248,7 +247,6 @@ pub async fn run(
     );
 
     builder
-        .tcp_nodelay(true)
         .max_concurrent_streams(u32::try_from(per_connection).unwrap_or(u32::MAX))
         .concurrency_limit_per_connection(per_connection)
         .load_shed(true)
@@ -260,7 +258,7 @@ pub async fn run(
         .add_service(
             UsageServiceServer::new(api).max_decoding_message_size(options.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), on_shutdown)
         .await
         .context("serving gRPC")?;
     if let Some(endpoint) = metrics_endpoint {
@@ -272,4 +270,36 @@ pub async fn run(
 
     info!("shut down");
     Ok(())
+}
+
+/// The connections accepted on `listener`, with Nagle's algorithm off: a
+/// reply is a few small HTTP/2 frames, and holding the last one back until
+/// the client acknowledges the previous (which it may delay by up to 40 ms)
+/// would add that to calls whenever the connection is not busy. tonic's own
+/// `tcp_nodelay` setting applies only to listeners tonic binds itself.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("an address");
+        let mut incoming = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connecting");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("reading TCP_NODELAY"));
+    }
 }

@@ -1,11 +1,13 @@
-//! Calls sent together: Reserves of a busy user that queue in the service
-//! go to PostgreSQL as one statement and one commit, and Gets that queue go
-//! as one read, yet every call gets its own answer and audit row. A batch
-//! that fails is sent again call by call.
+//! Calls sent together: Reserves and Releases that queue in the service, of
+//! one busy user or of many users, go to PostgreSQL as one statement and one
+//! commit, and Gets that queue go as one read, yet every call gets its own
+//! answer and audit row. A batch that fails is sent again call by call, and
+//! batches naming the same users cannot deadlock.
 //!
-//! Queues are made on purpose: a transaction of the test holds the user's
-//! row (or the features table), so the first calls wait in PostgreSQL and
-//! the rest in the service, where the metrics show them.
+//! Queues are made on purpose: the server runs [`IN_FLIGHT`] statements of
+//! each kind at once, and a transaction of the test holds a user's row (or
+//! the features table), so the first calls wait in PostgreSQL and the rest
+//! in the service, where the metrics show them.
 //!
 //! The queue gauge is process-wide, so the tests of this file run one at a
 //! time.
@@ -15,16 +17,13 @@ mod common;
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use common::{
-    count, eventually,
+    connect, count, eventually,
     metrics::{free_addr, scrape, Samples},
-    reserve, TestServer,
+    migrated_db, release, reserve, TestServer,
 };
 use tokio::sync::Mutex;
 use tonic::{Code, Request};
-use usage_service::{
-    proto::{usage_service_client::UsageServiceClient, GetRequest},
-    store,
-};
+use usage_service::proto::{usage_service_client::UsageServiceClient, GetRequest};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
@@ -32,14 +31,17 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 const WAITING: &str = "SELECT count(*) FROM pg_stat_activity \
                        WHERE datname = current_database() AND wait_event_type = 'Lock'";
 
-/// Writes of one user that may be in PostgreSQL at once (the store's
-/// per-user limit).
-const WRITES_PER_USER: i64 = 4;
+/// Statements of each kind the test servers run at once
+/// (`--db-batches-in-flight`), whatever the machine's CPUs.
+const IN_FLIGHT: i64 = 4;
 
 /// A server that serves metrics, with its metrics address.
 async fn server_with_metrics() -> (TestServer, SocketAddr) {
     let metrics = free_addr();
-    let server = TestServer::start_configured(|o| o.metrics_addr = Some(metrics)).await;
+    let db = migrated_db().await;
+    let mut args = db.args();
+    args.db_batches_in_flight = Some(IN_FLIGHT as usize);
+    let server = TestServer::start_on(db, args, |o| o.metrics_addr = Some(metrics)).await;
     (server, metrics)
 }
 
@@ -114,7 +116,7 @@ async fn queued_reserves_of_a_busy_user_share_one_commit() {
         .iter()
         .map(|p| spawn_reserve(&client, "busy", p))
         .collect();
-    until_queued(&server, metrics, WRITES_PER_USER, "write", before, 56).await;
+    until_queued(&server, metrics, IN_FLIGHT, "write", before, 56).await;
     holder
         .batch_execute("COMMIT")
         .await
@@ -162,7 +164,7 @@ async fn queued_reserves_of_a_busy_user_share_one_commit() {
     transactions.dedup();
     assert_eq!(
         transactions.len(),
-        WRITES_PER_USER as usize + 1,
+        IN_FLIGHT as usize + 1,
         "the four calls that waited in PostgreSQL committed alone, the 56 queued ones together"
     );
     server.assert_checks(None).await;
@@ -204,13 +206,13 @@ async fn a_failing_call_does_not_fail_its_batch() {
         .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'mixed' FOR UPDATE")
         .await
         .expect("holding the user's row");
-    let leaders: Vec<_> = (0..WRITES_PER_USER)
+    let leaders: Vec<_> = (0..IN_FLIGHT)
         .map(|p| spawn_reserve(&client, "mixed", &format!("lead{p}")))
         .collect();
     eventually(
         Duration::from_secs(20),
         "the first calls to wait",
-        || async { count(&sql, WAITING).await == WRITES_PER_USER },
+        || async { count(&sql, WAITING).await == IN_FLIGHT },
     )
     .await;
     let before = sample(metrics, "usage_db_queued_calls", "write").await;
@@ -220,7 +222,7 @@ async fn a_failing_call_does_not_fail_its_batch() {
         .iter()
         .map(|p| spawn_reserve(&client, "mixed", p))
         .collect();
-    until_queued(&server, metrics, WRITES_PER_USER, "write", before, 10).await;
+    until_queued(&server, metrics, IN_FLIGHT, "write", before, 10).await;
     holder
         .batch_execute("COMMIT")
         .await
@@ -248,7 +250,7 @@ async fn a_failing_call_does_not_fail_its_batch() {
         .get("mixed", "product_slot")
         .await
         .expect("reading the usage");
-    assert_eq!(usage.current_usage, 1 + WRITES_PER_USER + 9);
+    assert_eq!(usage.current_usage, 1 + IN_FLIGHT + 9);
     server.assert_checks(None).await;
     server.stop().await;
 }
@@ -286,7 +288,7 @@ async fn queued_gets_are_read_together() {
         };
         tokio::spawn(async move { client.get(request).await.map(|r| r.into_inner()) })
     };
-    let reads = i64::try_from(store::gets_in_flight().min(16)).expect("a small number");
+    let reads = IN_FLIGHT;
     let leaders: Vec<_> = (0..reads)
         .map(|n| get(format!("lead{n}"), "product_slot"))
         .collect();
@@ -342,5 +344,197 @@ async fn queued_gets_are_read_together() {
     let after = |name: &str| samples.get(name, &[("kind", "get")]);
     assert_eq!(after("usage_db_batch_calls_count") - batches_before, 1.0);
     assert_eq!(after("usage_db_batch_calls_sum") - calls_before, 12.0);
+    server.stop().await;
+}
+
+/// Load: a user's row held while 4 of its Reserves wait in PostgreSQL, then
+/// Reserves for 20 users never seen and a Release of the held user queue in
+/// the service. Checks: once the row is free, the 21 queued calls are sent
+/// as one statement and committed in one transaction of their own; each new
+/// user is told a usage of 1, the Release is told the usage its audit row
+/// records, and the held user ends at 1 + 4 - 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_of_many_users_share_one_commit() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (server, metrics) = server_with_metrics().await;
+    let client = server.client().await;
+    client
+        .clone()
+        .reserve(reserve("busy", "first"))
+        .await
+        .expect("setup");
+
+    let holder = server.sql().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'busy' FOR UPDATE")
+        .await
+        .expect("holding the user's row");
+    let leaders: Vec<_> = (0..IN_FLIGHT)
+        .map(|p| spawn_reserve(&client, "busy", &format!("lead{p}")))
+        .collect();
+    let sql = server.sql().await;
+    eventually(
+        Duration::from_secs(20),
+        "the first calls to wait",
+        || async { count(&sql, WAITING).await == IN_FLIGHT },
+    )
+    .await;
+    let samples = Samples::parse(&scrape(metrics).await);
+    let before = |name: &str| samples.get(name, &[("kind", "write")]);
+    let (queued_before, batches_before, calls_before) = (
+        before("usage_db_queued_calls"),
+        before("usage_db_batch_calls_count"),
+        before("usage_db_batch_calls_sum"),
+    );
+    let users: Vec<String> = (0..20).map(|u| format!("u{u:02}")).collect();
+    let reserves: Vec<_> = users
+        .iter()
+        .map(|user| spawn_reserve(&client, user, &format!("{user}-p")))
+        .collect();
+    let mut release_request = Request::new(release("busy", "first"));
+    release_request
+        .metadata_mut()
+        .insert("x-request-id", "busy-release".parse().expect("ASCII"));
+    let mut releaser = client.clone();
+    let released = tokio::spawn(async move { releaser.release(release_request).await });
+    until_queued(&server, metrics, IN_FLIGHT, "write", queued_before, 21).await;
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("freeing the row");
+
+    for call in leaders {
+        call.await.expect("no panic").expect("a leader is reserved");
+    }
+    for (user, call) in users.iter().zip(reserves) {
+        let usage = call
+            .await
+            .expect("no panic")
+            .unwrap_or_else(|s| panic!("{user} is reserved: {s:?}"));
+        assert_eq!(usage, 1, "{user}");
+    }
+    let released = released
+        .await
+        .expect("no panic")
+        .expect("the release is answered")
+        .into_inner();
+    // The queue is sent when the first leader ends, so the Release may pass
+    // some leaders at the row lock: its answer is whatever the row said
+    // when it ran, as its audit row records.
+    let told = released.usage.expect("a usage").current_usage;
+    let audited = "SELECT usage_after FROM usage_events WHERE request_id = 'busy-release'";
+    let audited: i64 = sql
+        .query_one(audited, &[])
+        .await
+        .expect("the release's audit row")
+        .get(0);
+    assert_eq!(told, audited, "the Release is told what it did");
+    let busy = server
+        .store
+        .get("busy", "product_slot")
+        .await
+        .expect("reading the usage");
+    assert_eq!(busy.current_usage, IN_FLIGHT, "1 + 4 reserved - 1 released");
+
+    let queued_txs = "SELECT count(DISTINCT xmin::text) FROM usage_events \
+                      WHERE product_id LIKE 'u%' OR request_id = 'busy-release'";
+    assert_eq!(count(&sql, queued_txs).await, 1, "one commit for the 21");
+    let shared = "SELECT count(*) FROM usage_events AS e \
+                   WHERE e.product_id LIKE 'lead%' AND e.xmin::text IN \
+                         (SELECT xmin::text FROM usage_events WHERE product_id LIKE 'u%')";
+    assert_eq!(count(&sql, shared).await, 0, "the leaders committed alone");
+    let samples = Samples::parse(&scrape(metrics).await);
+    let after = |name: &str| samples.get(name, &[("kind", "write")]);
+    assert_eq!(after("usage_db_batch_calls_count") - batches_before, 1.0);
+    assert_eq!(after("usage_db_batch_calls_sum") - calls_before, 21.0);
+    server.assert_checks(None).await;
+    server.stop().await;
+}
+
+/// Two batches naming the same two users in opposite orders, the first
+/// user's row held by the test so that both queue behind it. Were each
+/// batch run in its calls' order, the one given `y, x` would hold `y` while
+/// waiting for `x`, and the other would take `x` and then wait for `y`: a
+/// deadlock. Checks: both batches complete, and each call's row carries its
+/// own position and user's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_take_their_users_locks_in_one_order() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    for (user, held) in [("x", 1), ("y", 3)] {
+        for p in 0..held {
+            client
+                .clone()
+                .reserve(reserve(user, &format!("{user}{p}")))
+                .await
+                .expect("setup");
+        }
+    }
+    let sql = server.sql().await;
+    let holder = server.sql().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'x' FOR UPDATE")
+        .await
+        .expect("holding x's row");
+
+    let batch = |users: [&'static str; 2], tag: &'static str| {
+        let url = server.db.url.clone();
+        tokio::spawn(async move {
+            let conn = connect(&url).await;
+            let products = users.map(|user| format!("{tag}-{user}"));
+            let rows = conn
+                .query(
+                    "SELECT ord, outcome, current_usage FROM usage_write_batch( \
+                       $1, ARRAY['product_slot', 'product_slot'], ARRAY['reserve', 'reserve'], \
+                       $2, ARRAY['reserve', 'reserve'], ARRAY[NULL, NULL]::text[], \
+                       ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::float8[]) ORDER BY ord",
+                    &[&users.to_vec(), &products.to_vec()],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(
+                rows.iter()
+                    .map(|r| {
+                        let outcome: String = r.get("outcome");
+                        (
+                            r.get::<_, i32>("ord"),
+                            outcome,
+                            r.get::<_, i64>("current_usage"),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+    };
+    let forward = batch(["x", "y"], "f");
+    eventually(
+        Duration::from_secs(20),
+        "the first batch to wait",
+        || async { count(&sql, WAITING).await == 1 },
+    )
+    .await;
+    let backward = batch(["y", "x"], "b");
+    eventually(Duration::from_secs(20), "both batches to wait", || async {
+        count(&sql, WAITING).await == 2
+    })
+    .await;
+    holder.batch_execute("COMMIT").await.expect("freeing x");
+
+    let forward = forward
+        .await
+        .expect("no panic")
+        .expect("the batch x, y completes");
+    assert_eq!(
+        forward,
+        [(1, "reserved".to_owned(), 2), (2, "reserved".to_owned(), 4)]
+    );
+    let backward = backward
+        .await
+        .expect("no panic")
+        .expect("the batch y, x completes");
+    assert_eq!(
+        backward,
+        [(1, "reserved".to_owned(), 5), (2, "reserved".to_owned(), 3)]
+    );
+    server.assert_checks(None).await;
     server.stop().await;
 }

@@ -121,7 +121,10 @@ async fn retries_and_duplicates_never_double_count() {
 /// call with the same product ids converges to exactly the slots asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_and_cancellations_converge_on_retry() {
-    let server = TestServer::start().await;
+    let db = common::migrated_db().await;
+    let mut args = db.args();
+    args.db_batches_in_flight = Some(4);
+    let server = TestServer::start_with(db, args).await;
     let mut client = server.client().await;
     let mut history = History::new();
     client
@@ -192,10 +195,10 @@ async fn deadlines_and_cancellations_converge_on_retry() {
     }
     history.record("locked", "first", CallKind::Release, CallResult::Unknown);
 
-    // Calls are in flight and PostgreSQL holds the user's writes. The service
-    // sends at most four writes of one user at once (src/store/turns.rs):
-    // four statements (more when a caller's give-up frees its turn while its
-    // statement still waits) wait for the row, and the other calls, the
+    // Calls are in flight and PostgreSQL holds the user's writes. This server
+    // sends at most four write statements at once (--db-batches-in-flight):
+    // four statements (more when a caller's give-up frees its place while
+    // its statement still waits) wait for the row, and the other calls, the
     // abandoned ones among them, wait in the service or in PostgreSQL.
     let sql = server.sql().await;
     common::eventually(

@@ -15,7 +15,6 @@ use tonic::Code;
 use usage_service::{
     auth::Role,
     proto::{usage_service_client::UsageServiceClient, GetRequest},
-    ServerOptions,
 };
 
 /// Sessions of the test's own database waiting for a lock.
@@ -65,12 +64,11 @@ async fn oversized_message_is_refused_before_the_database() {
 /// the held calls complete and new calls are served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_beyond_the_in_flight_bound_fail_fast_and_recover() {
-    let options = ServerOptions {
-        max_concurrent_requests: 2,
-        health_interval: Duration::from_millis(100),
-        ..ServerOptions::default()
-    };
-    let server = TestServer::start_with_options(options).await;
+    // Both held calls reach PostgreSQL, whatever the machine's CPUs.
+    let db = common::migrated_db().await;
+    let mut args = db.args();
+    args.db_batches_in_flight = Some(4);
+    let server = TestServer::start_on(db, args, |o| o.max_concurrent_requests = 2).await;
     let client = server.client().await;
     client
         .clone()
@@ -209,12 +207,15 @@ async fn raw_reserve(addr: std::net::SocketAddr, timeout: Option<&str>) -> i32 {
 /// lock goes all ten complete, none failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_connection_is_bounded_without_failing_calls() {
-    let options = ServerOptions {
-        max_concurrent_requests_per_connection: 4,
-        health_interval: Duration::from_millis(100),
-        ..ServerOptions::default()
-    };
-    let server = TestServer::start_with_options(options).await;
+    // More write statements allowed at once than calls on the connection,
+    // so that the connection's limit is what holds the calls back.
+    let db = common::migrated_db().await;
+    let mut args = db.args();
+    args.db_batches_in_flight = Some(16);
+    let server = TestServer::start_on(db, args, |o| {
+        o.max_concurrent_requests_per_connection = 4;
+    })
+    .await;
     let client: UsageServiceClient<_> = server.client().await;
     client
         .clone()

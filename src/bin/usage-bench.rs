@@ -203,17 +203,6 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (tally, measured, peak_rss_kib) = drive(&args, &channels, &credentials).await;
     let unexpected = report(&args, &tally, measured, peak_rss_kib);
 
-    // The run grew the audit trail and left the ledger full of dead rows;
-    // without a vacuum and fresh statistics the check's plan scans them once
-    // per user.
-    store
-        .pool()
-        .get()
-        .await
-        .context("connecting to the database")?
-        .batch_execute("VACUUM ANALYZE user_tier_features, slots, usage_events")
-        .await
-        .context("refreshing planner statistics")?;
     let discrepancies = store
         .check_invariants()
         .await

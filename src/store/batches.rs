@@ -19,6 +19,8 @@ pub(crate) const MAX_BATCH: usize = 100;
 
 /// One Reserve or Release call, owned so that it can wait in a queue.
 pub(crate) struct WriteCall {
+    user_id: String,
+    feature: String,
     kind: WriteKind,
     product_id: String,
     actor: Option<String>,
@@ -36,20 +38,31 @@ enum WriteKind {
 
 impl WriteCall {
     pub(crate) fn reserve(
+        user_id: &str,
+        feature: &str,
         product_id: &str,
         action: ReserveAction,
         hold_secs: Option<f64>,
         caller: &Caller,
     ) -> Self {
-        Self::new(WriteKind::Reserve { action, hold_secs }, product_id, caller)
+        let kind = WriteKind::Reserve { action, hold_secs };
+        Self::new(user_id, feature, kind, product_id, caller)
     }
 
-    pub(crate) fn release(product_id: &str, caller: &Caller) -> Self {
-        Self::new(WriteKind::Release, product_id, caller)
+    pub(crate) fn release(user_id: &str, feature: &str, product_id: &str, caller: &Caller) -> Self {
+        Self::new(user_id, feature, WriteKind::Release, product_id, caller)
     }
 
-    fn new(kind: WriteKind, product_id: &str, caller: &Caller) -> Self {
+    fn new(
+        user_id: &str,
+        feature: &str,
+        kind: WriteKind,
+        product_id: &str,
+        caller: &Caller,
+    ) -> Self {
         Self {
+            user_id: user_id.to_owned(),
+            feature: feature.to_owned(),
             kind,
             product_id: product_id.to_owned(),
             actor: caller.actor.clone(),
@@ -58,31 +71,26 @@ impl WriteCall {
     }
 }
 
-/// Writes of one user and feature, which PostgreSQL would run one after
-/// another behind the user's row lock anyway. Answers are the rows of
-/// `reserve.sql` / `release.sql`.
+/// Reserves and Releases of any users: a batch runs each call as it would
+/// run alone, in one transaction whose commit serves them all. Answers are
+/// the rows of `reserve.sql` / `release.sql`.
 #[derive(Clone)]
 pub(crate) struct Writes(pub(crate) Store);
 
 impl Batch for Writes {
-    type Key = (String, String);
+    type Key = ();
     type Item = WriteCall;
     type Answer = Row;
 
-    async fn run(&self, (user_id, feature): Self::Key, calls: Vec<WriteCall>) -> Answers<Row> {
+    async fn run(&self, (): (), calls: Vec<WriteCall>) -> Answers<Row> {
         let store = &self.0;
         if let [call] = calls.as_slice() {
-            return vec![store.write_one(&user_id, &feature, call).await];
+            return vec![store.write_one(call).await];
         }
         crate::metrics::record_batch("write", calls.len());
-        match store.write_batch(&user_id, &feature, &calls).await {
+        match store.write_batch(&calls).await {
             Ok(answers) => answers,
-            Err(err) => {
-                fall_back("write", err, &calls, |call| {
-                    store.write_one(&user_id, &feature, call)
-                })
-                .await
-            }
+            Err(err) => fall_back("write", err, &calls, |call| store.write_one(call)).await,
         }
     }
 }
@@ -117,19 +125,15 @@ impl Batch for Gets {
 
 impl Store {
     /// One Reserve or Release, as its own statement.
-    async fn write_one(
-        &self,
-        user_id: &str,
-        feature: &str,
-        call: &WriteCall,
-    ) -> Result<Row, StoreError> {
+    async fn write_one(&self, call: &WriteCall) -> Result<Row, StoreError> {
+        let (user_id, feature) = (&call.user_id, &call.feature);
         match &call.kind {
             WriteKind::Reserve { action, hold_secs } => {
                 self.query_one_repeatable(
                     sql::RESERVE,
                     &[
-                        (&user_id, Type::TEXT),
-                        (&feature, Type::TEXT),
+                        (user_id, Type::TEXT),
+                        (feature, Type::TEXT),
                         (&call.product_id, Type::TEXT),
                         (&action.as_audit_action(), Type::TEXT),
                         (&call.actor, Type::TEXT),
@@ -143,8 +147,8 @@ impl Store {
                 self.query_one_repeatable(
                     sql::RELEASE,
                     &[
-                        (&user_id, Type::TEXT),
-                        (&feature, Type::TEXT),
+                        (user_id, Type::TEXT),
+                        (feature, Type::TEXT),
                         (&call.product_id, Type::TEXT),
                         (&call.actor, Type::TEXT),
                         (&call.request_id, Type::TEXT),
@@ -155,14 +159,9 @@ impl Store {
         }
     }
 
-    /// Several Reserves and Releases of one user, in order, as one
-    /// statement and one transaction.
-    async fn write_batch(
-        &self,
-        user_id: &str,
-        feature: &str,
-        calls: &[WriteCall],
-    ) -> Result<Answers<Row>, StoreError> {
+    /// Several Reserves and Releases, of one user or many, as one statement
+    /// and one transaction; the calls of one user run in their order.
+    async fn write_batch(&self, calls: &[WriteCall]) -> Result<Answers<Row>, StoreError> {
         let mut kinds = Vec::with_capacity(calls.len());
         let mut actions = Vec::with_capacity(calls.len());
         let mut holds = Vec::with_capacity(calls.len());
@@ -177,6 +176,8 @@ impl Store {
             actions.push(action);
             holds.push(hold);
         }
+        let users: Vec<&str> = calls.iter().map(|c| c.user_id.as_str()).collect();
+        let features: Vec<&str> = calls.iter().map(|c| c.feature.as_str()).collect();
         let products: Vec<&str> = calls.iter().map(|c| c.product_id.as_str()).collect();
         let actors: Vec<Option<&str>> = calls.iter().map(|c| c.actor.as_deref()).collect();
         let request_ids: Vec<Option<&str>> =
@@ -185,8 +186,8 @@ impl Store {
             .query_repeatable(
                 sql::WRITE_BATCH,
                 &[
-                    (&user_id, Type::TEXT),
-                    (&feature, Type::TEXT),
+                    (&users, Type::TEXT_ARRAY),
+                    (&features, Type::TEXT_ARRAY),
                     (&kinds, Type::TEXT_ARRAY),
                     (&products, Type::TEXT_ARRAY),
                     (&actions, Type::TEXT_ARRAY),

@@ -144,11 +144,10 @@ pub struct Discrepancy {
 /// only make PostgreSQL switch between them, and would take connections the
 /// writes can use.
 ///
-/// Reserves and Releases of one user and feature go to PostgreSQL at most
-/// [`turns::PER_USER`] statements at a time from this process; the calls
-/// that arrive meanwhile are sent together, as one statement, when one of
-/// those ends. Gets beyond [`gets_in_flight`] are sent together the same
-/// way. See [`coalesce`] for how, and [`turns`] for why a few at a time.
+/// Reserves and Releases go to PostgreSQL at most [`batches_in_flight`]
+/// statements at a time from this process (unless configured otherwise),
+/// and so do Gets; the calls that arrive meanwhile are sent together, as one
+/// statement, when one of those ends. See [`coalesce`] for how.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
@@ -163,14 +162,14 @@ impl Store {
     /// A store over `pool`.
     pub fn new(pool: Pool) -> Self {
         let reads = read_limit(&pool);
-        let gets = get_lanes(&pool, batches::MAX_BATCH);
+        let in_flight = batches_in_flight();
         Self {
+            writes: lanes(&pool, "write", in_flight, batches::MAX_BATCH),
+            gets: lanes(&pool, "get", in_flight, batches::MAX_BATCH),
             pool,
             statements: StatementMode::default(),
             reads: Arc::new(Semaphore::new(reads)),
             turns: Arc::new(turns::UserTurns::default()),
-            writes: write_lanes(batches::MAX_BATCH),
-            gets,
         }
     }
 
@@ -178,7 +177,10 @@ impl Store {
     pub fn configured(pool: Pool, args: &crate::config::DatabaseArgs) -> Self {
         Self::new(pool)
             .with_statement_mode(statement_mode(args))
-            .with_batch_max(args.db_batch_max)
+            .with_batches(
+                args.db_batches_in_flight.unwrap_or_else(batches_in_flight),
+                args.db_batch_max,
+            )
     }
 
     /// The same store, sending its statements in `mode`.
@@ -189,12 +191,13 @@ impl Store {
         }
     }
 
-    /// The same store, sending at most `max` queued calls in one statement
-    /// (1: every call alone).
-    pub fn with_batch_max(self, max: usize) -> Self {
+    /// The same store, with at most `in_flight` statements of writes, and
+    /// as many of Gets, in PostgreSQL at once (at most the pool's size), each
+    /// sending at most `max` queued calls (1: every call alone).
+    pub fn with_batches(self, in_flight: usize, max: usize) -> Self {
         Self {
-            writes: write_lanes(max),
-            gets: get_lanes(&self.pool, max),
+            writes: lanes(&self.pool, "write", in_flight, max),
+            gets: lanes(&self.pool, "get", in_flight, max),
             ..self
         }
     }
@@ -286,18 +289,12 @@ impl Store {
         self.turns.take(user_id, feature, wait).await
     }
 
-    /// Sends one Reserve or Release of `user_id`, alone or with the calls
-    /// queued beside it.
-    async fn write(
-        &self,
-        user_id: &str,
-        feature: &str,
-        call: batches::WriteCall,
-    ) -> Result<Row, StoreError> {
-        let key = (user_id.to_owned(), feature.to_owned());
+    /// Sends one Reserve or Release, alone or with the calls queued beside
+    /// it.
+    async fn write(&self, call: batches::WriteCall) -> Result<Row, StoreError> {
         let wait = self.pool.timeouts().wait;
         self.writes
-            .submit(&batches::Writes(self.clone()), key, call, wait)
+            .submit(&batches::Writes(self.clone()), (), call, wait)
             .await
     }
 
@@ -322,8 +319,9 @@ impl Store {
         caller: &Caller,
     ) -> Result<ReserveOutcome, StoreError> {
         let hold_secs = hold.map(|ttl| ttl.as_secs_f64());
-        let call = batches::WriteCall::reserve(product_id, action, hold_secs, caller);
-        let row = self.write(user_id, feature, call).await?;
+        let call =
+            batches::WriteCall::reserve(user_id, feature, product_id, action, hold_secs, caller);
+        let row = self.write(call).await?;
 
         let outcome: &str = row.try_get("outcome")?;
         let usage = || usage_from_row(user_id, feature, &row);
@@ -344,8 +342,8 @@ impl Store {
         product_id: &str,
         caller: &Caller,
     ) -> Result<ReleaseOutcome, StoreError> {
-        let call = batches::WriteCall::release(product_id, caller);
-        let row = self.write(user_id, feature, call).await?;
+        let call = batches::WriteCall::release(user_id, feature, product_id, caller);
+        let row = self.write(call).await?;
 
         let outcome: &str = row.try_get("outcome")?;
         let usage = || usage_from_row(user_id, feature, &row);
@@ -404,12 +402,14 @@ pub fn reads_in_flight() -> usize {
     crate::config::available_cpus() * 4
 }
 
-/// Gets sent at once; the ones that arrive meanwhile wait and go together.
-/// One per CPU: a read keeps a CPU of PostgreSQL busy, and each statement
-/// costs more than the rows it reads, so fewer statements with more Gets each
-/// serve more Gets. On 2 CPUs, 2 at once served about 20,000 Gets per second
-/// where 8 at once served 12,000 (`usage-bench --scenario get`).
-pub fn gets_in_flight() -> usize {
+/// Statements of coalesced calls in flight, per kind, unless configured
+/// otherwise (`--db-batches-in-flight`): one per CPU. Each statement keeps a
+/// CPU of PostgreSQL busy and costs more than the calls it carries, so fewer
+/// statements with more calls each serve more calls. On 2 CPUs, spread
+/// Reserves and Releases ran at about 3,000 operations per second with 4
+/// writes in flight, 3,600 with 2 and 3,900 with 1; Gets at about 20,000 per
+/// second with 2 in flight and 12,000 with 8 (`usage-bench`).
+pub fn batches_in_flight() -> usize {
     crate::config::available_cpus()
 }
 
@@ -418,21 +418,16 @@ fn read_limit(pool: &Pool) -> usize {
     reads_in_flight().min(pool.status().max_size).max(1)
 }
 
-/// Lanes of Reserves and Releases: one per user and feature, with
-/// [`turns::PER_USER`] statements at a time.
-fn write_lanes(max_batch: usize) -> Arc<coalesce::Coalescer<batches::Writes>> {
-    Arc::new(coalesce::Coalescer::new(
-        "write",
-        turns::PER_USER,
-        max_batch,
-    ))
-}
-
-/// The one lane of Gets, with [`gets_in_flight`] statements at a time (at
-/// most the pool's size).
-fn get_lanes(pool: &Pool, max_batch: usize) -> Arc<coalesce::Coalescer<batches::Gets>> {
-    let at_once = gets_in_flight().min(pool.status().max_size).max(1);
-    Arc::new(coalesce::Coalescer::new("get", at_once, max_batch))
+/// The lane of one kind of call, with `in_flight` statements at a time (at
+/// most the pool's size) of at most `max_batch` calls each.
+fn lanes<B: coalesce::Batch>(
+    pool: &Pool,
+    kind: &'static str,
+    in_flight: usize,
+    max_batch: usize,
+) -> Arc<coalesce::Coalescer<B>> {
+    let at_once = in_flight.min(pool.status().max_size).max(1);
+    Arc::new(coalesce::Coalescer::new(kind, at_once, max_batch))
 }
 
 /// Reads the `tier`, `current_usage` and `usage_limit` columns.

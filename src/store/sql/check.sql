@@ -1,13 +1,26 @@
 -- Every (user, feature) whose counter disagrees with its ledger or with the
 -- sum of its audit deltas. An empty result means the invariant holds:
 --   current_usage = slots held = sum of audited deltas.
-SELECT u.user_id, u.feature_name, u.current_usage, s.slots, e.audited
+-- Each table is read once and grouped, rather than probed once per user: a
+-- per-user probe is planned from the statistics, and an audit trail written
+-- mostly for a few users (a load test, one busy account) makes the planner
+-- scan the whole trail for every user.
+WITH held AS (
+    SELECT user_id, feature_name, count(*) AS slots
+      FROM slots
+     GROUP BY user_id, feature_name
+), audited AS (
+    SELECT user_id, feature_name, sum(delta)::bigint AS audited
+      FROM usage_events
+     WHERE user_id IS NOT NULL
+     GROUP BY user_id, feature_name
+)
+SELECT u.user_id, u.feature_name, u.current_usage,
+       coalesce(h.slots, 0)   AS slots,
+       coalesce(a.audited, 0) AS audited
   FROM user_tier_features AS u
- CROSS JOIN LATERAL (
-        SELECT count(*) AS slots FROM slots
-         WHERE user_id = u.user_id AND feature_name = u.feature_name) AS s
- CROSS JOIN LATERAL (
-        SELECT coalesce(sum(delta), 0)::bigint AS audited FROM usage_events
-         WHERE user_id = u.user_id AND feature_name = u.feature_name) AS e
- WHERE u.current_usage <> s.slots OR u.current_usage <> e.audited
+  LEFT JOIN held    AS h USING (user_id, feature_name)
+  LEFT JOIN audited AS a USING (user_id, feature_name)
+ WHERE u.current_usage <> coalesce(h.slots, 0)
+    OR u.current_usage <> coalesce(a.audited, 0)
  ORDER BY u.user_id, u.feature_name
