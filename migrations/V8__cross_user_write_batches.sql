@@ -26,6 +26,13 @@
 -- order), PostgreSQL aborts one side; a batch that fails is rolled back as a
 -- whole, and the service then sends its calls one by one.
 --
+-- One user's row held for long (a backfill's batch of users, a session left
+-- idle in a transaction) must not hold up every user that happens to share
+-- a batch with it: p_lock_timeout, when not NULL, is the longest the batch
+-- waits for any one lock (PostgreSQL's lock_timeout, for this transaction
+-- only). Past it the batch fails with lock_not_available and is sent again
+-- call by call, the held user's calls waiting on their own.
+--
 -- The arrays are parallel, one element per call, in arrival order:
 --   p_user_ids, p_features   whose slot the call reserves or releases
 --   p_kinds        'reserve' or 'release'
@@ -35,8 +42,9 @@
 --   p_actors, p_request_ids   as for usage_reserve / usage_release
 --   p_hold_secs    the hold of a reserve in seconds, NULL for a permanent
 --                  slot; ignored for a release
--- Returns one row per call: its 1-based position in the arrays and what the
--- single-call function returned for it.
+-- and p_lock_timeout as above ('200ms', say). Returns one row per call: its
+-- 1-based position in the arrays and what the single-call function returned
+-- for it.
 DROP FUNCTION usage_write_batch(text, text, text[], text[], text[], text[], text[], float8[]);
 
 CREATE FUNCTION usage_write_batch(
@@ -47,13 +55,17 @@ CREATE FUNCTION usage_write_batch(
     p_actions     text[],
     p_actors      text[],
     p_request_ids text[],
-    p_hold_secs   float8[]
+    p_hold_secs   float8[],
+    p_lock_timeout text
 ) RETURNS TABLE (ord integer, outcome text, tier text, current_usage bigint,
                  usage_limit bigint, pending bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     c record;
 BEGIN
+    IF p_lock_timeout IS NOT NULL THEN
+        PERFORM set_config('lock_timeout', p_lock_timeout, true);
+    END IF;
     FOR c IN
         SELECT q.i::integer AS i, q.user_id, q.feature
           FROM unnest(p_user_ids, p_features) WITH ORDINALITY AS q(user_id, feature, i)

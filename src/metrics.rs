@@ -191,8 +191,8 @@ pub fn record_pool_wait(waited: Duration) {
     ::metrics::histogram!(POOL_WAIT).record(waited.as_secs_f64());
 }
 
-/// A database call failed; `kind` is `unavailable`, `database` or
-/// `unexpected_outcome`.
+/// A database call failed; `kind` is `unavailable`, `contention`,
+/// `database` or `unexpected_outcome`.
 pub fn record_database_error(kind: &'static str) {
     ::metrics::counter!(DB_ERRORS, "kind" => kind).increment(1);
 }

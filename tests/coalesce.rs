@@ -487,7 +487,8 @@ async fn batches_take_their_users_locks_in_one_order() {
                     "SELECT ord, outcome, current_usage FROM usage_write_batch( \
                        $1, ARRAY['product_slot', 'product_slot'], ARRAY['reserve', 'reserve'], \
                        $2, ARRAY['reserve', 'reserve'], ARRAY[NULL, NULL]::text[], \
-                       ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::float8[]) ORDER BY ord",
+                       ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::float8[], NULL) \
+                     ORDER BY ord",
                     &[&users.to_vec(), &products.to_vec()],
                 )
                 .await?;
@@ -535,6 +536,92 @@ async fn batches_take_their_users_locks_in_one_order() {
         backward,
         [(1, "reserved".to_owned(), 5), (2, "reserved".to_owned(), 3)]
     );
+    server.assert_checks(None).await;
+    server.stop().await;
+}
+
+/// Fault: a user's row held by a transaction that does not end (a session
+/// left idle in it). Load: 4 Reserves of another user waiting at that
+/// user's held row, then queued behind them a Reserve of the held user and
+/// Reserves of 10 users never seen, sent as one batch once the way is free.
+/// Checks: the batch gives up on the held row after its lock wait and is
+/// sent call by call; the 10 users are served while the row is still held,
+/// and the held user's Reserve completes once it is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_user_does_not_hold_up_its_batch() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (server, metrics) = server_with_metrics().await;
+    let client = server.client().await;
+    for user in ["gate", "held"] {
+        client
+            .clone()
+            .reserve(reserve(user, "first"))
+            .await
+            .expect("setup");
+    }
+    let lock = |user: &'static str| {
+        let server = &server;
+        async move {
+            let holder = server.sql().await;
+            holder
+                .batch_execute(&format!(
+                    "BEGIN; SELECT * FROM user_tier_features WHERE user_id = '{user}' FOR UPDATE"
+                ))
+                .await
+                .expect("holding a user's row");
+            holder
+        }
+    };
+    let held = lock("held").await;
+    let gate = lock("gate").await;
+    let leaders: Vec<_> = (0..IN_FLIGHT)
+        .map(|p| spawn_reserve(&client, "gate", &format!("lead{p}")))
+        .collect();
+    let sql = server.sql().await;
+    eventually(
+        Duration::from_secs(20),
+        "the first calls to wait",
+        || async { count(&sql, WAITING).await == IN_FLIGHT },
+    )
+    .await;
+    let before = sample(metrics, "usage_db_queued_calls", "write").await;
+    let stuck = spawn_reserve(&client, "held", "second");
+    let users: Vec<String> = (0..10).map(|u| format!("u{u:02}")).collect();
+    let others: Vec<_> = users
+        .iter()
+        .map(|user| spawn_reserve(&client, user, &format!("{user}-p")))
+        .collect();
+    until_queued(&server, metrics, IN_FLIGHT, "write", before, 11).await;
+    gate.batch_execute("COMMIT")
+        .await
+        .expect("opening the gate");
+
+    for call in leaders {
+        call.await.expect("no panic").expect("a leader is reserved");
+    }
+    for (user, call) in users.iter().zip(others) {
+        let usage = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .unwrap_or_else(|_| panic!("{user} is not held up by the held row"))
+            .expect("no panic")
+            .unwrap_or_else(|s| panic!("{user} is reserved: {s:?}"));
+        assert_eq!(usage, 1, "{user}");
+    }
+    assert!(
+        !stuck.is_finished(),
+        "the held user's call waits for its row"
+    );
+    let alone = "SELECT count(DISTINCT xmin::text) FROM usage_events WHERE product_id LIKE 'u%'";
+    assert_eq!(count(&sql, alone).await, 10, "each sent again on its own");
+
+    held.batch_execute("COMMIT")
+        .await
+        .expect("letting the row go");
+    let usage = stuck
+        .await
+        .expect("no panic")
+        .expect("the held user's call completes");
+    assert_eq!(usage, 2);
     server.assert_checks(None).await;
     server.stop().await;
 }

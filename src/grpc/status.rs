@@ -75,6 +75,11 @@ pub fn from_store(err: StoreError) -> Status {
             tracing::warn!(%cause, "database unavailable");
             Status::unavailable("database unavailable, retry later")
         }
+        StoreError::Contention(cause) => {
+            metrics::record_database_error("contention");
+            tracing::warn!(%cause, "transaction aborted by a concurrent one");
+            Status::unavailable("the change collided with a concurrent one, retry")
+        }
         err @ (StoreError::Database(_) | StoreError::UnexpectedOutcome(_)) => {
             metrics::record_database_error(match err {
                 StoreError::Database(_) => "database",

@@ -2,13 +2,14 @@
 //! [`super::coalesce`]): one call alone as its own statement, several as one
 //! statement of the batch form.
 
-use std::future::Future;
+use std::{collections::HashMap, future::Future, hash::Hash};
 
+use futures::StreamExt as _;
 use tokio_postgres::{types::Type, Row};
 use tracing::warn;
 
 use super::{
-    coalesce::{Answers, Batch},
+    coalesce::{Answers, Batch, Replies},
     sql, usage_from_row, Store, StoreError,
 };
 use crate::usage::{Caller, ReserveAction, Usage};
@@ -16,6 +17,19 @@ use crate::usage::{Caller, ReserveAction, Usage};
 /// Most calls sent in one batch statement, unless configured otherwise
 /// (`--db-batch-max`).
 pub(crate) const MAX_BATCH: usize = 100;
+
+/// The longest a batch of writes waits for any one lock (PostgreSQL's
+/// `lock_timeout`, for the batch's transaction only). Batches wait for each
+/// other's locks for a few milliseconds when they share a busy user; a row
+/// held longer (a backfill's batch of users, a session idle in a
+/// transaction) would otherwise hold up every user of the batch. Past it the
+/// batch is sent again call by call, and only the held user's calls wait.
+const BATCH_LOCK_WAIT: &str = "200ms";
+
+/// Users of a failed batch whose calls are sent again at once: enough that a
+/// user stuck behind a lock holds up no other, few enough to leave the
+/// pool's connections to the calls still arriving.
+const FALL_BACK_AT_ONCE: usize = 8;
 
 /// One Reserve or Release call, owned so that it can wait in a queue.
 pub(crate) struct WriteCall {
@@ -82,15 +96,19 @@ impl Batch for Writes {
     type Item = WriteCall;
     type Answer = Row;
 
-    async fn run(&self, (): (), calls: Vec<WriteCall>) -> Answers<Row> {
+    async fn run(&self, (): (), calls: Vec<WriteCall>, replies: &Replies<Row>) {
         let store = &self.0;
         if let [call] = calls.as_slice() {
-            return vec![store.write_one(call).await];
+            return replies.send(0, store.write_one(call).await);
         }
         crate::metrics::record_batch("write", calls.len());
         match store.write_batch(&calls).await {
-            Ok(answers) => answers,
-            Err(err) => fall_back("write", err, &calls, |call| store.write_one(call)).await,
+            Ok(answers) => replies.send_all(answers),
+            Err(err) => {
+                let user = |call: &WriteCall| (call.user_id.clone(), call.feature.clone());
+                let one = |call| store.write_one(call);
+                fall_back("write", err, &calls, replies, user, one).await;
+            }
         }
     }
 }
@@ -105,19 +123,24 @@ impl Batch for Gets {
     type Item = (String, String);
     type Answer = Usage;
 
-    async fn run(&self, (): (), calls: Vec<(String, String)>) -> Answers<Usage> {
+    async fn run(&self, (): (), calls: Vec<(String, String)>, replies: &Replies<Usage>) {
         let store = &self.0;
         if let [(user_id, feature)] = calls.as_slice() {
-            return vec![store.get_one(user_id, feature).await];
+            return replies.send(0, store.get_one(user_id, feature).await);
         }
         crate::metrics::record_batch("get", calls.len());
         match store.get_batch(&calls).await {
-            Ok(answers) => answers,
+            Ok(answers) => replies.send_all(answers),
             Err(err) => {
-                fall_back("get", err, &calls, |(user_id, feature)| {
-                    store.get_one(user_id, feature)
-                })
-                .await
+                fall_back(
+                    "get",
+                    err,
+                    &calls,
+                    replies,
+                    |_| (),
+                    |(user_id, feature)| store.get_one(user_id, feature),
+                )
+                .await;
             }
         }
     }
@@ -194,6 +217,7 @@ impl Store {
                     (&actors, Type::TEXT_ARRAY),
                     (&request_ids, Type::TEXT_ARRAY),
                     (&holds, Type::FLOAT8_ARRAY),
+                    (&BATCH_LOCK_WAIT, Type::TEXT),
                 ],
             )
             .await?;
@@ -237,30 +261,44 @@ impl Store {
 
 /// What the calls of a failed batch get. When the database is unavailable,
 /// that, for every call: sending them one by one would only wait `calls`
-/// times for it. Any other failure rolled the batch back as a whole, so
+/// times for it. Any other failure (a lock waited for too long, a deadlock,
+/// a call the batch form cannot serve) rolled the batch back as a whole, so
 /// nothing of it was applied: each call is then sent alone and gets its own
-/// answer, and a call the batch form cannot serve no longer fails the others.
-async fn fall_back<'a, C, A, Fut>(
+/// answer as soon as it has it. The calls of one `group` go one after
+/// another, in their order; groups go side by side ([`FALL_BACK_AT_ONCE`] at
+/// a time), so a group stuck behind a lock holds up no other.
+async fn fall_back<'a, C, K, A, Fut>(
     kind: &'static str,
     err: StoreError,
     calls: &'a [C],
+    replies: &Replies<A>,
+    group: impl Fn(&'a C) -> K,
     one: impl Fn(&'a C) -> Fut,
-) -> Answers<A>
-where
+) where
+    K: Eq + Hash,
     Fut: Future<Output = Result<A, StoreError>>,
 {
     if let StoreError::Unavailable(cause) = &err {
-        return calls
-            .iter()
-            .map(|_| Err(StoreError::Unavailable(cause.clone())))
-            .collect();
+        for i in 0..calls.len() {
+            replies.send(i, Err(StoreError::Unavailable(cause.clone())));
+        }
+        return;
     }
     warn!(kind, calls = calls.len(), cause = %err, "batch statement failed; sending its calls one by one");
-    let mut answers = Vec::with_capacity(calls.len());
-    for call in calls {
-        answers.push(one(call).await);
+    let mut groups: HashMap<K, Vec<usize>> = HashMap::new();
+    for (i, call) in calls.iter().enumerate() {
+        groups.entry(group(call)).or_default().push(i);
     }
-    answers
+    let one = &one;
+    let runs = groups.into_values().map(|positions| async move {
+        for i in positions {
+            replies.send(i, one(&calls[i]).await);
+        }
+    });
+    futures::stream::iter(runs)
+        .buffer_unordered(FALL_BACK_AT_ONCE)
+        .collect::<()>()
+        .await;
 }
 
 /// Spreads the rows of a batch statement, each carrying its call's 1-based

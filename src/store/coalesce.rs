@@ -49,13 +49,53 @@ pub(crate) trait Batch: Clone + Send + Sync + 'static {
     /// What one call gets back.
     type Answer: Send + 'static;
 
-    /// Sends `items` (at least one) of lane `key`; one answer per item, in
-    /// order.
+    /// Sends `items` (at least one) of lane `key`, and gives each its answer
+    /// through `replies` (by its position in `items`) as soon as it is
+    /// known. An item left unanswered fails.
     fn run(
         &self,
         key: Self::Key,
         items: Vec<Self::Item>,
-    ) -> impl Future<Output = Answers<Self::Answer>> + Send;
+        replies: &Replies<Self::Answer>,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+type Reply<A> = oneshot::Sender<Result<A, StoreError>>;
+
+/// Where the calls of a batch get their answers: each as soon as it is
+/// known, so that a call answered early does not wait for the slowest of
+/// its batch.
+pub(crate) struct Replies<A> {
+    senders: Mutex<Vec<Option<Reply<A>>>>,
+}
+
+impl<A> Replies<A> {
+    fn new(senders: Vec<Reply<A>>) -> Self {
+        Self {
+            senders: Mutex::new(senders.into_iter().map(Some).collect()),
+        }
+    }
+
+    /// Answers call `i` of the batch; a second answer for it is ignored,
+    /// and so is a caller that has gone.
+    pub(crate) fn send(&self, i: usize, answer: Result<A, StoreError>) {
+        let sender = self
+            .senders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_mut(i)
+            .and_then(Option::take);
+        if let Some(sender) = sender {
+            let _ = sender.send(answer);
+        }
+    }
+
+    /// Answers the calls of the batch in order, one answer each.
+    pub(crate) fn send_all(&self, answers: Answers<A>) {
+        for (i, answer) in answers.into_iter().enumerate() {
+            self.send(i, answer);
+        }
+    }
 }
 
 /// The lanes of one kind of call.
@@ -88,7 +128,7 @@ impl<B: Batch> Default for Lane<B> {
 struct Queued<B: Batch> {
     id: u64,
     item: B::Item,
-    answer: oneshot::Sender<Result<B::Answer, StoreError>>,
+    answer: Reply<B::Answer>,
 }
 
 impl<B: Batch> Coalescer<B> {
@@ -120,7 +160,7 @@ impl<B: Batch> Coalescer<B> {
     ) -> Result<B::Answer, StoreError> {
         let (answer, answered) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let Some(item) = self.enter(&key, id, item, answer) else {
+        let Some((item, answer)) = self.enter(&key, id, item, answer) else {
             return self.queued(&key, id, answered, wait).await;
         };
         // Held while the call runs; if the call is dropped half-way, the
@@ -130,25 +170,26 @@ impl<B: Batch> Coalescer<B> {
             key: key.clone(),
             batch: batch.clone(),
         };
-        let answer = batch.run(key, vec![item]).await.pop();
-        drop(turn);
-        answer.unwrap_or_else(|| Err(missing_answer()))
+        let replies = Replies::new(vec![answer]);
+        batch.run(key, vec![item], &replies).await;
+        drop((replies, turn));
+        answered.await.unwrap_or_else(|_| Err(missing_answer()))
     }
 
-    /// Takes a running place in the lane of `key` and hands `item` back, or,
-    /// with the lane full, queues it and returns `None`.
+    /// Takes a running place in the lane of `key` and hands `item` and its
+    /// `answer` back, or, with the lane full, queues them and returns `None`.
     fn enter(
         &self,
         key: &B::Key,
         id: u64,
         item: B::Item,
-        answer: oneshot::Sender<Result<B::Answer, StoreError>>,
-    ) -> Option<B::Item> {
+        answer: Reply<B::Answer>,
+    ) -> Option<(B::Item, Reply<B::Answer>)> {
         let mut lanes = self.lock();
         let lane = lanes.entry(key.clone()).or_default();
         if lane.running < self.per_lane {
             lane.running += 1;
-            return Some(item);
+            return Some((item, answer));
         }
         lane.queue.push_back(Queued { id, item, answer });
         crate::metrics::add_queued(self.kind, 1);
@@ -266,12 +307,9 @@ impl<B: Batch> Drop for Turn<B> {
                 .into_iter()
                 .map(|queued| (queued.item, queued.answer))
                 .unzip();
-            let mut answers = turn.batch.run(turn.key.clone(), items).await.into_iter();
-            for sender in senders {
-                // A caller that has gone no longer needs its answer.
-                let _ = sender.send(answers.next().unwrap_or_else(|| Err(missing_answer())));
-            }
-            drop(turn);
+            let replies = Replies::new(senders);
+            turn.batch.run(turn.key.clone(), items, &replies).await;
+            drop((replies, turn));
         });
     }
 }
@@ -302,11 +340,11 @@ mod tests {
         type Item = u32;
         type Answer = u32;
 
-        async fn run(&self, _key: &'static str, items: Vec<u32>) -> Answers<u32> {
+        async fn run(&self, _key: &'static str, items: Vec<u32>, replies: &Replies<u32>) {
             self.started.fetch_add(1, Ordering::SeqCst);
             self.gate.notified().await;
             self.batches.lock().unwrap().push(items.clone());
-            items.into_iter().map(Ok).collect()
+            replies.send_all(items.into_iter().map(Ok).collect());
         }
     }
 

@@ -6,8 +6,9 @@ use tokio_postgres::error::SqlState;
 /// A failure of the storage layer.
 ///
 /// The transport maps [`StoreError::UnknownFeature`] to `INVALID_ARGUMENT`,
-/// [`StoreError::Unavailable`] to `UNAVAILABLE` (safe to retry: Reserve and
-/// Release are idempotent) and everything else to `INTERNAL`. The cause is
+/// [`StoreError::Unavailable`] and [`StoreError::Contention`] to
+/// `UNAVAILABLE` (safe to retry: Reserve and Release are idempotent) and
+/// everything else to `INTERNAL`. The cause is
 /// logged server-side, never sent to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -19,6 +20,13 @@ pub enum StoreError {
     /// connection free in time, or a statement ran out of time.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+
+    /// PostgreSQL gave up on the statement's transaction because of another
+    /// one: a deadlock, a serialization failure, or a lock waited for longer
+    /// than `lock_timeout`. Nothing was committed, and the database is
+    /// there: the same work can be tried again at once, or in smaller parts.
+    #[error("database contention: {0}")]
+    Contention(String),
 
     /// A statement failed for a reason retrying will not fix. Its message
     /// carries PostgreSQL's own (tokio-postgres only says "db error").
@@ -34,7 +42,7 @@ pub enum StoreError {
 impl StoreError {
     /// True for failures worth retrying once the database is back.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::Contention(_))
     }
 }
 
@@ -49,7 +57,9 @@ impl From<PoolError> for StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        if is_transient(&err) {
+        if is_contention(&err) {
+            Self::Contention(err.to_string())
+        } else if is_transient(&err) {
             Self::Unavailable(err.to_string())
         } else {
             Self::Database(err)
@@ -84,8 +94,8 @@ pub(crate) fn is_broken_connection(err: &tokio_postgres::Error) -> bool {
 }
 
 /// Connection failures and the errors PostgreSQL raises when it goes away, is
-/// shutting down, cancels a statement or breaks a lock cycle: nothing was
-/// committed, and the same call can succeed later.
+/// shutting down or cancels a statement: nothing was committed, and the same
+/// call can succeed later.
 fn is_transient(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;
@@ -98,6 +108,14 @@ fn is_transient(err: &tokio_postgres::Error) -> bool {
     class == "08" // connection exception
         || class == "57" // operator intervention: shutdown, terminated, cancelled
         || class == "53" // insufficient resources: too many connections
-        || *code == SqlState::T_R_SERIALIZATION_FAILURE
-        || *code == SqlState::T_R_DEADLOCK_DETECTED
+}
+
+/// A transaction aborted because of other transactions, not because the
+/// database is unwell.
+fn is_contention(err: &tokio_postgres::Error) -> bool {
+    err.code().is_some_and(|code| {
+        *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::LOCK_NOT_AVAILABLE
+    })
 }
