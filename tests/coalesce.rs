@@ -19,7 +19,7 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 use common::{
     connect, count, eventually,
     metrics::{free_addr, scrape, Samples},
-    migrated_db, release, reserve, TestServer,
+    release, reserve, TestServer,
 };
 use tokio::sync::Mutex;
 use tonic::{Code, Request};
@@ -38,11 +38,45 @@ const IN_FLIGHT: i64 = 4;
 /// A server that serves metrics, with its metrics address.
 async fn server_with_metrics() -> (TestServer, SocketAddr) {
     let metrics = free_addr();
-    let db = migrated_db().await;
-    let mut args = db.args();
-    args.db_batches_in_flight = Some(IN_FLIGHT as usize);
-    let server = TestServer::start_on(db, args, |o| o.metrics_addr = Some(metrics)).await;
+    let server = TestServer::start_with_batches_in_flight(IN_FLIGHT as usize, |o| {
+        o.metrics_addr = Some(metrics)
+    })
+    .await;
     (server, metrics)
+}
+
+/// A connection of the test holding `user`'s counter row in an open
+/// transaction, so that every write of that user waits for it.
+async fn hold_row(server: &TestServer, user: &str) -> tokio_postgres::Client {
+    let holder = server.sql().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT * FROM user_tier_features WHERE user_id = '{user}' FOR UPDATE"
+        ))
+        .await
+        .expect("holding the user's row");
+    holder
+}
+
+/// [`IN_FLIGHT`] Reserves of `user` (products `lead0`, `lead1`, ...),
+/// once all of them wait for a lock in PostgreSQL: the writes the server
+/// runs at once, so that the next calls queue in the service.
+async fn leaders_waiting(
+    server: &TestServer,
+    client: &UsageServiceClient<tonic::transport::Channel>,
+    user: &str,
+) -> Vec<tokio::task::JoinHandle<Result<i64, tonic::Status>>> {
+    let leaders = (0..IN_FLIGHT)
+        .map(|p| spawn_reserve(client, user, &format!("lead{p}")))
+        .collect();
+    let sql = server.sql().await;
+    eventually(
+        Duration::from_secs(20),
+        "the first calls to wait",
+        || async { count(&sql, WAITING).await == IN_FLIGHT },
+    )
+    .await;
+    leaders
 }
 
 async fn sample(metrics: SocketAddr, name: &str, kind: &str) -> f64 {
@@ -105,11 +139,7 @@ async fn queued_reserves_of_a_busy_user_share_one_commit() {
         .await
         .expect("setup");
 
-    let holder = server.sql().await;
-    holder
-        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'busy' FOR UPDATE")
-        .await
-        .expect("holding the user's row");
+    let holder = hold_row(&server, "busy").await;
     let before = sample(metrics, "usage_db_queued_calls", "write").await;
     let products: Vec<String> = (0..60).map(|p| format!("p{p:02}")).collect();
     let calls: Vec<_> = products
@@ -201,20 +231,8 @@ async fn a_failing_call_does_not_fail_its_batch() {
         .await
         .expect("setup");
 
-    let holder = server.sql().await;
-    holder
-        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'mixed' FOR UPDATE")
-        .await
-        .expect("holding the user's row");
-    let leaders: Vec<_> = (0..IN_FLIGHT)
-        .map(|p| spawn_reserve(&client, "mixed", &format!("lead{p}")))
-        .collect();
-    eventually(
-        Duration::from_secs(20),
-        "the first calls to wait",
-        || async { count(&sql, WAITING).await == IN_FLIGHT },
-    )
-    .await;
+    let holder = hold_row(&server, "mixed").await;
+    let leaders = leaders_waiting(&server, &client, "mixed").await;
     let before = sample(metrics, "usage_db_queued_calls", "write").await;
     let mut products: Vec<String> = (0..9).map(|p| format!("q{p}")).collect();
     products.insert(4, "poison".to_owned());
@@ -364,21 +382,9 @@ async fn queued_writes_of_many_users_share_one_commit() {
         .await
         .expect("setup");
 
-    let holder = server.sql().await;
-    holder
-        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'busy' FOR UPDATE")
-        .await
-        .expect("holding the user's row");
-    let leaders: Vec<_> = (0..IN_FLIGHT)
-        .map(|p| spawn_reserve(&client, "busy", &format!("lead{p}")))
-        .collect();
+    let holder = hold_row(&server, "busy").await;
+    let leaders = leaders_waiting(&server, &client, "busy").await;
     let sql = server.sql().await;
-    eventually(
-        Duration::from_secs(20),
-        "the first calls to wait",
-        || async { count(&sql, WAITING).await == IN_FLIGHT },
-    )
-    .await;
     let samples = Samples::parse(&scrape(metrics).await);
     let before = |name: &str| samples.get(name, &[("kind", "write")]);
     let (queued_before, batches_before, calls_before) = (
@@ -471,11 +477,7 @@ async fn batches_take_their_users_locks_in_one_order() {
         }
     }
     let sql = server.sql().await;
-    let holder = server.sql().await;
-    holder
-        .batch_execute("BEGIN; SELECT * FROM user_tier_features WHERE user_id = 'x' FOR UPDATE")
-        .await
-        .expect("holding x's row");
+    let holder = hold_row(&server, "x").await;
 
     let batch = |users: [&'static str; 2], tag: &'static str| {
         let url = server.db.url.clone();
@@ -559,31 +561,10 @@ async fn a_held_user_does_not_hold_up_its_batch() {
             .await
             .expect("setup");
     }
-    let lock = |user: &'static str| {
-        let server = &server;
-        async move {
-            let holder = server.sql().await;
-            holder
-                .batch_execute(&format!(
-                    "BEGIN; SELECT * FROM user_tier_features WHERE user_id = '{user}' FOR UPDATE"
-                ))
-                .await
-                .expect("holding a user's row");
-            holder
-        }
-    };
-    let held = lock("held").await;
-    let gate = lock("gate").await;
-    let leaders: Vec<_> = (0..IN_FLIGHT)
-        .map(|p| spawn_reserve(&client, "gate", &format!("lead{p}")))
-        .collect();
+    let held = hold_row(&server, "held").await;
+    let gate = hold_row(&server, "gate").await;
+    let leaders = leaders_waiting(&server, &client, "gate").await;
     let sql = server.sql().await;
-    eventually(
-        Duration::from_secs(20),
-        "the first calls to wait",
-        || async { count(&sql, WAITING).await == IN_FLIGHT },
-    )
-    .await;
     let before = sample(metrics, "usage_db_queued_calls", "write").await;
     let stuck = spawn_reserve(&client, "held", "second");
     let users: Vec<String> = (0..10).map(|u| format!("u{u:02}")).collect();

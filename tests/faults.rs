@@ -121,10 +121,7 @@ async fn retries_and_duplicates_never_double_count() {
 /// call with the same product ids converges to exactly the slots asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_and_cancellations_converge_on_retry() {
-    let db = common::migrated_db().await;
-    let mut args = db.args();
-    args.db_batches_in_flight = Some(4);
-    let server = TestServer::start_with(db, args).await;
+    let server = TestServer::start_with_batches_in_flight(4, |_| {}).await;
     let mut client = server.client().await;
     let mut history = History::new();
     client

@@ -65,10 +65,8 @@ async fn oversized_message_is_refused_before_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_beyond_the_in_flight_bound_fail_fast_and_recover() {
     // Both held calls reach PostgreSQL, whatever the machine's CPUs.
-    let db = common::migrated_db().await;
-    let mut args = db.args();
-    args.db_batches_in_flight = Some(4);
-    let server = TestServer::start_on(db, args, |o| o.max_concurrent_requests = 2).await;
+    let server =
+        TestServer::start_with_batches_in_flight(4, |o| o.max_concurrent_requests = 2).await;
     let client = server.client().await;
     client
         .clone()
@@ -209,10 +207,7 @@ async fn raw_reserve(addr: std::net::SocketAddr, timeout: Option<&str>) -> i32 {
 async fn one_connection_is_bounded_without_failing_calls() {
     // More write statements allowed at once than calls on the connection,
     // so that the connection's limit is what holds the calls back.
-    let db = common::migrated_db().await;
-    let mut args = db.args();
-    args.db_batches_in_flight = Some(16);
-    let server = TestServer::start_on(db, args, |o| {
+    let server = TestServer::start_with_batches_in_flight(16, |o| {
         o.max_concurrent_requests_per_connection = 4;
     })
     .await;

@@ -8,8 +8,8 @@ use tokio_postgres::error::SqlState;
 /// The transport maps [`StoreError::UnknownFeature`] to `INVALID_ARGUMENT`,
 /// [`StoreError::Unavailable`] and [`StoreError::Contention`] to
 /// `UNAVAILABLE` (safe to retry: Reserve and Release are idempotent) and
-/// everything else to `INTERNAL`. The cause is
-/// logged server-side, never sent to the caller.
+/// everything else to `INTERNAL`. The cause is logged server-side, never
+/// sent to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The request names a feature that has no row in `features`.

@@ -167,6 +167,20 @@ impl TestServer {
         Self::start_on(db, args, configure).await
     }
 
+    /// A migrated fresh database and a server on it that sends at most
+    /// `in_flight` statements of Reserves and Releases, and of Gets, at once
+    /// (`--db-batches-in-flight`), whatever the machine's CPUs; `configure`
+    /// is applied to the default options.
+    pub async fn start_with_batches_in_flight(
+        in_flight: usize,
+        configure: impl FnOnce(&mut ServerOptions),
+    ) -> Self {
+        let db = migrated_db().await;
+        let mut args = db.args();
+        args.db_batches_in_flight = Some(in_flight);
+        Self::start_on(db, args, configure).await
+    }
+
     /// A server on an existing, migrated database, with the given settings.
     #[allow(clippy::field_reassign_with_default)] // options grow field by field
     pub async fn start_with(db: TestDb, args: DatabaseArgs) -> Self {
