@@ -1,6 +1,6 @@
 //! Logging set-up. Levels come from `RUST_LOG` (default `info`).
 
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, IsTerminal as _};
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{fmt, EnvFilter};
@@ -22,7 +22,13 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         .thread_name("usage-log")
         .finish(BufWriter::new(io::stderr()));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(writer);
+    // Colours only for a person at a terminal: escape codes in a file or a
+    // log collector are noise, and styling every field of every span costs
+    // CPU on each call.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
