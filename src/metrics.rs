@@ -4,6 +4,9 @@
 //! Every metric goes through one of the `record_*` / `set_*` functions below,
 //! so the names, labels and units live in this file only. Recording is a hash
 //! lookup and an atomic add; until [`install`] has run it does nothing at all.
+//! The metrics of every call (requests, durations, queued calls) keep their
+//! handles once made, so a call does not build label keys and look them up
+//! in the registry again.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -23,12 +26,18 @@
 //! | `usage_reconciliation_drift_fixed_total` | counter | |
 //! | `usage_health_serving` | gauge | 1 while the database answers, else 0 |
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock, PoisonError, RwLock},
+    time::Duration,
+};
 
 use axum::{extract::State, routing::get, Router};
 use deadpool_postgres::Pool;
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, sync::watch};
+use tonic::Code;
 use tracing::{info, warn};
 
 use crate::usage::Usage;
@@ -81,12 +90,58 @@ const BATCH_BUCKETS: &[f64] = &[2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0];
 /// the memory they take when nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
+
+/// The recorder's handle and the handles of the per-call metrics, made on
+/// first use. They exist only once the recorder does: a handle made before
+/// it would record nowhere for good.
+struct Installed {
+    handle: PrometheusHandle,
+    rpcs: Handles<RpcMetrics>,
+    queued: Handles<Gauge>,
+}
+
+/// Metric handles by label value.
+struct Handles<T> {
+    by_label: RwLock<HashMap<Box<str>, T>>,
+}
+
+impl<T: Clone> Handles<T> {
+    fn new() -> Self {
+        Self {
+            by_label: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The handle for `label`, made by `make` the first time.
+    fn get(&self, label: &str, make: impl FnOnce() -> T) -> T {
+        let known = self.by_label.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(handle) = known.get(label) {
+            return handle.clone();
+        }
+        drop(known);
+        self.by_label
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(label.into())
+            .or_insert_with(make)
+            .clone()
+    }
+}
+
+/// The request metrics of one RPC: its duration histogram, and its call
+/// counter for each status code (made when the code first occurs, so the
+/// scrape lists only the codes that did).
+#[derive(Clone)]
+struct RpcMetrics {
+    duration: Histogram,
+    calls: Arc<[OnceLock<Counter>; 17]>,
+}
 
 /// Installs the process-wide recorder on first call and returns its handle;
 /// later calls return the same handle.
 pub fn install() -> PrometheusHandle {
-    HANDLE
+    INSTALLED
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
@@ -99,8 +154,13 @@ pub fn install() -> PrometheusHandle {
                 warn!(cause = %err, "another metrics recorder is installed; /metrics stays empty");
             }
             describe();
-            handle
+            Installed {
+                handle,
+                rpcs: Handles::new(),
+                queued: Handles::new(),
+            }
         })
+        .handle
         .clone()
 }
 
@@ -152,11 +212,28 @@ async fn scrape(State((handle, pool)): State<(PrometheusHandle, Pool)>) -> Strin
     handle.render()
 }
 
-/// One gRPC call answered with `code` (e.g. `OK`, `RESOURCE_EXHAUSTED`)
-/// after `elapsed`.
-pub fn record_request(rpc: String, code: &'static str, elapsed: Duration) {
-    ::metrics::histogram!(GRPC_DURATION, "rpc" => rpc.clone()).record(elapsed.as_secs_f64());
-    ::metrics::counter!(GRPC_REQUESTS, "rpc" => rpc, "code" => code).increment(1);
+/// One call of `rpc` answered with `code` after `elapsed`.
+pub fn record_request(rpc: &str, code: Code, elapsed: Duration) {
+    let Some(installed) = INSTALLED.get() else {
+        return;
+    };
+    let metrics = installed.rpcs.get(rpc, || RpcMetrics {
+        duration: ::metrics::histogram!(GRPC_DURATION, "rpc" => rpc.to_owned()),
+        calls: Default::default(),
+    });
+    metrics.duration.record(elapsed.as_secs_f64());
+    // Every gRPC code is below 17; an unknown one counts as UNKNOWN.
+    let code = if (code as usize) < metrics.calls.len() {
+        code
+    } else {
+        Code::Unknown
+    };
+    metrics.calls[code as usize]
+        .get_or_init(|| {
+            let name = crate::grpc::metered::code_name(code);
+            ::metrics::counter!(GRPC_REQUESTS, "rpc" => rpc.to_owned(), "code" => name)
+        })
+        .increment(1);
 }
 
 /// A call took `slots` slots (Reserve, ReserveMany, a Confirm that reserved
@@ -205,7 +282,12 @@ pub fn record_batch(kind: &'static str, calls: usize) {
 /// `change` calls of `kind` joined (positive) or left (negative) the queues
 /// of calls waiting to be sent together.
 pub fn add_queued(kind: &'static str, change: i64) {
-    ::metrics::gauge!(QUEUED_CALLS, "kind" => kind).increment(change as f64);
+    if let Some(installed) = INSTALLED.get() {
+        installed
+            .queued
+            .get(kind, || ::metrics::gauge!(QUEUED_CALLS, "kind" => kind))
+            .increment(change as f64);
+    }
 }
 
 /// Reconciliation of one user found `found` units of drift (slots to add or

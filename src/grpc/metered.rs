@@ -53,7 +53,8 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
-        let path = request.uri().path().to_owned();
+        // A clone of the URI shares its bytes: no copy of the path per call.
+        let uri = request.uri().clone();
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
@@ -64,11 +65,11 @@ where
             // An unknown method would otherwise add one label value per
             // path a client invents.
             let rpc = if code == Code::Unimplemented {
-                "unknown".to_owned()
+                "unknown"
             } else {
-                path
+                uri.path()
             };
-            metrics::record_request(rpc, code_name(code), started.elapsed());
+            metrics::record_request(rpc, code, started.elapsed());
             response
         })
     }
