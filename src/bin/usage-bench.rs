@@ -37,9 +37,8 @@ use usage_service::{
     store::{self, Store},
 };
 
-/// mimalloc instead of the system allocator: a call allocates some eighty
-/// small blocks across hyper, h2, tonic and the handler, and glibc's malloc
-/// spent about a sixth of a Get's instructions on them.
+/// The service's allocator: the load generator shares the CPUs with the
+/// server and PostgreSQL, so its own calls should cost as little as theirs.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
