@@ -25,6 +25,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 const RESERVE: &str = "/usage.v1.UsageService/Reserve";
 const RELEASE: &str = "/usage.v1.UsageService/Release";
 const GET: &str = "/usage.v1.UsageService/Get";
+const INVENTED: &str = "/usage.v1.UsageService/Invented";
 
 /// The `host:port` of a `postgres://user@host:port/db` URL.
 fn database_host_port(url: &str) -> &str {
@@ -100,7 +101,25 @@ async fn counters_move_by_exactly_the_calls_made() {
         .await
         .unwrap();
 
-    let after = Samples::parse(&scrape(metrics_addr).await);
+    // A method the server does not serve, named by the client.
+    let mut raw = tonic::client::Grpc::new(server.channel().await);
+    raw.ready().await.expect("the channel is ready");
+    let invented = raw
+        .unary(
+            tonic::Request::new(()),
+            http::uri::PathAndQuery::from_static(INVENTED),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(invented.code(), Code::Unimplemented);
+
+    let scraped = scrape(metrics_addr).await;
+    assert!(
+        !scraped.contains(INVENTED),
+        "no series names the invented path"
+    );
+    let after = Samples::parse(&scraped);
     let delta = Delta { before, after };
     let free = [("feature", "product_slot"), ("tier", "free")];
     let premium = [("feature", "product_slot"), ("tier", "premium")];
@@ -128,6 +147,12 @@ async fn counters_move_by_exactly_the_calls_made() {
     );
     assert_eq!(delta.of(requests, &[("rpc", RELEASE), ("code", "OK")]), 3.0);
     assert_eq!(delta.of(requests, &[("rpc", GET), ("code", "OK")]), 1.0);
+    // Counted, under one label value for every path nobody serves.
+    assert_eq!(
+        delta.of(requests, &[("rpc", "unknown"), ("code", "UNIMPLEMENTED")]),
+        1.0
+    );
+
     let latency_count = "usage_grpc_request_duration_seconds_count";
     assert_eq!(delta.of(latency_count, &[("rpc", RESERVE)]), 55.0);
     assert_eq!(delta.of(latency_count, &[("rpc", RELEASE)]), 3.0);

@@ -2,6 +2,8 @@
 //! it, in front of all services (usage, health, reflection).
 
 use std::{
+    collections::HashSet,
+    sync::LazyLock,
     task::{Context, Poll},
     time::Instant,
 };
@@ -62,16 +64,50 @@ where
                 Ok(response) => status_code(response.headers()),
                 Err(_) => Code::Internal,
             };
-            // An unknown method would otherwise add one label value per
-            // path a client invents.
-            let rpc = if code == Code::Unimplemented {
-                "unknown"
-            } else {
-                uri.path()
-            };
-            metrics::record_request(rpc, code, started.elapsed());
+            metrics::record_request(rpc_label(uri.path()), code, started.elapsed());
             response
         })
+    }
+}
+
+/// Every method the server serves, as `/package.Service/Method`: read from
+/// the descriptors it also registers for reflection.
+static SERVED: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    use prost::Message as _;
+    [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    .flat_map(|encoded| {
+        prost_types::FileDescriptorSet::decode(encoded)
+            .expect("the descriptors compiled into the binary decode")
+            .file
+    })
+    .flat_map(|file| {
+        let package = file.package().to_owned();
+        file.service.into_iter().flat_map(move |service| {
+            let prefix = format!("/{package}.{}/", service.name());
+            service
+                .method
+                .into_iter()
+                .map(move |method| format!("{prefix}{}", method.name()))
+        })
+    })
+    .collect()
+});
+
+/// The `rpc` label of a call to `path`: the path of a method the server
+/// serves, else `unknown`. Any other path (a method a client invents,
+/// refused for want of a token or answered UNIMPLEMENTED) would add a label
+/// value, and a series, per path.
+fn rpc_label(path: &str) -> &str {
+    if SERVED.contains(path) {
+        path
+    } else {
+        "unknown"
     }
 }
 
@@ -110,6 +146,24 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The methods of every service served keep their path; an invented
+    /// one, even in a served package, is `unknown`.
+    #[test]
+    fn labels_only_served_methods() {
+        for path in [
+            "/usage.v1.UsageService/Reserve",
+            "/usage.v1.UsageService/SetTier",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(rpc_label(path), path);
+        }
+        for path in ["/usage.v1.UsageService/Invented", "/x.Y/Z", "", "/"] {
+            assert_eq!(rpc_label(path), "unknown", "{path}");
+        }
+    }
 
     /// A status in the headers is read; no status in the headers means the
     /// call succeeded and its OK travels in the trailers.
