@@ -405,6 +405,12 @@ pub struct AuthArgs {
     /// Require a token for server reflection too (health stays open).
     #[arg(long, env = "USAGE_AUTH_REFLECTION_REQUIRES_TOKEN")]
     pub auth_reflection_requires_token: bool,
+
+    /// Most tokens remembered after they passed, each until it expires, so
+    /// that a caller reusing its token is not checked again on every call;
+    /// 0 checks every call's token.
+    #[arg(long, env = "USAGE_AUTH_TOKEN_CACHE", default_value_t = 10_000)]
+    pub auth_token_cache: usize,
 }
 
 impl AuthArgs {
@@ -441,7 +447,8 @@ impl AuthArgs {
             self.auth_jwt_issuer.as_deref(),
             self.auth_jwt_audience.as_deref(),
         )
-        .context("configuring JWT verification")?;
+        .context("configuring JWT verification")?
+        .remembering(self.auth_token_cache);
         Ok(Some(verifier))
     }
 }

@@ -8,10 +8,17 @@
 //! key. Every token must carry `exp`, `sub` and `role`; `iss` and `aud` are
 //! required and checked when configured; `nbf`, when present, is honoured.
 //!
+//! A token that passed is remembered, up to a configured number of tokens,
+//! until its `exp` (plus the leeway): the same bytes arriving again were
+//! signed with the same key and carry the same claims, so only the expiry is
+//! checked again. A token that failed is not remembered. With an asymmetric
+//! key this is most of an authenticated call's cost: checking an ES256
+//! signature takes a hundred times longer than an HMAC.
+//!
 //! Nothing here knows about gRPC: the transport turns [`AuthError`] into
 //! statuses and decides what each [`Role`] may call.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, str::FromStr, sync::Arc, time::Duration};
 
 use jsonwebtoken::{
     errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, TokenData, Validation,
@@ -126,6 +133,17 @@ pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
     algorithm: Algorithm,
+    /// Tokens that passed, by their exact text; `None` checks every token.
+    accepted: Option<Arc<quick_cache::sync::Cache<String, Accepted>>>,
+}
+
+/// What a token that passed was found to say.
+#[derive(Debug, Clone)]
+struct Accepted {
+    identity: Identity,
+    /// Last second, since the epoch, at which the token is still accepted:
+    /// its `exp` plus the leeway.
+    valid_until: u64,
 }
 
 impl fmt::Debug for Verifier {
@@ -135,6 +153,10 @@ impl fmt::Debug for Verifier {
             .field("algorithm", &self.algorithm)
             .field("issuer", &self.validation.iss)
             .field("audience", &self.validation.aud)
+            .field(
+                "remembers",
+                &self.accepted.as_ref().map(|cache| cache.capacity()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -192,7 +214,15 @@ impl Verifier {
             key,
             validation,
             algorithm,
+            accepted: None,
         })
+    }
+
+    /// Remembers up to `tokens` tokens that passed, so that a token seen
+    /// again is not checked again until it expires; 0 remembers none.
+    pub fn remembering(mut self, tokens: usize) -> Self {
+        self.accepted = (tokens > 0).then(|| Arc::new(quick_cache::sync::Cache::new(tokens)));
+        self
     }
 
     /// The one algorithm accepted.
@@ -202,6 +232,37 @@ impl Verifier {
 
     /// Checks `token` and returns the caller it names.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_at(token, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// [`verify`](Self::verify) at `now`, seconds since the epoch. `now`
+    /// decides only whether a remembered token has expired since it passed:
+    /// a token not remembered is checked against the system clock.
+    fn verify_at(&self, token: &str, now: u64) -> Result<Identity, AuthError> {
+        let Some(accepted) = &self.accepted else {
+            return self.check(token).map(|(identity, _)| identity);
+        };
+        if let Some(known) = accepted.get(token) {
+            if now <= known.valid_until {
+                return Ok(known.identity);
+            }
+            accepted.remove(token);
+            return Err(AuthError::Expired);
+        }
+        let (identity, exp) = self.check(token)?;
+        accepted.insert(
+            token.to_owned(),
+            Accepted {
+                identity: identity.clone(),
+                valid_until: exp.saturating_add(LEEWAY_SECS),
+            },
+        );
+        Ok(identity)
+    }
+
+    /// The signature and every claim of `token`: the caller it names and its
+    /// `exp`.
+    fn check(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         let data: TokenData<Claims> = jsonwebtoken::decode(token, &self.key, &self.validation)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -211,10 +272,11 @@ impl Verifier {
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty sub claim".into()));
         }
-        Ok(Identity {
+        let identity = Identity {
             role: claims.role.parse()?,
             subject: claims.sub,
-        })
+        };
+        Ok((identity, claims.exp))
     }
 }
 
@@ -376,6 +438,88 @@ mod tests {
             Verifier::new(&public, Algorithm::HS256, None, None),
             Err(KeyError::Mismatch { .. })
         ));
+    }
+
+    fn remembering_verifier() -> Verifier {
+        Verifier::new(
+            &VerifyingKey::Secret(SECRET.to_vec()),
+            Algorithm::HS256,
+            Some("issuer"),
+            Some("usage"),
+        )
+        .unwrap()
+        .remembering(16)
+    }
+
+    fn remembered(verifier: &Verifier) -> usize {
+        verifier.accepted.as_ref().map_or(0, |cache| cache.len())
+    }
+
+    /// A remembered token is refused once past its `exp` and the leeway,
+    /// and is then forgotten: the next call checks it in full again.
+    #[test]
+    fn remembered_tokens_still_expire() {
+        let verifier = remembering_verifier();
+        let now = jsonwebtoken::get_current_timestamp();
+        let token = mint_hs256(SECRET, &request(Role::Service)).unwrap();
+        let alice = Identity {
+            subject: "alice".into(),
+            role: Role::Service,
+        };
+
+        assert_eq!(verifier.verify(&token), Ok(alice.clone()));
+        assert_eq!(remembered(&verifier), 1);
+        // Within exp (60 s from minting) plus the leeway: still accepted.
+        assert_eq!(verifier.verify_at(&token, now + 60), Ok(alice.clone()));
+        let expired_at = now + 60 + LEEWAY_SECS + 2;
+        assert_eq!(
+            verifier.verify_at(&token, expired_at),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(remembered(&verifier), 0);
+        // By the real clock the token is valid: checked afresh, remembered again.
+        assert_eq!(verifier.verify(&token), Ok(alice));
+        assert_eq!(remembered(&verifier), 1);
+    }
+
+    /// Only tokens that passed are remembered, and a remembered token lets
+    /// in nothing but its own exact text.
+    #[test]
+    fn remembers_only_tokens_that_passed() {
+        let verifier = remembering_verifier();
+        let token = mint_hs256(SECRET, &request(Role::Service)).unwrap();
+        // One character of the signature changed.
+        let at = token.len() - 10;
+        let swapped = if &token[at..=at] == "A" { "B" } else { "A" };
+        let forged = format!("{}{swapped}{}", &token[..at], &token[at + 1..]);
+        let unknown_role = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "mallory".into(),
+                role: "root".into(),
+                exp: jsonwebtoken::get_current_timestamp() + 60,
+                iat: None,
+                iss: Some("issuer".into()),
+                aud: Some("usage".into()),
+            },
+            &EncodingKey::from_secret(SECRET).unwrap(),
+        )
+        .unwrap();
+
+        for _ in 0..2 {
+            assert!(matches!(
+                verifier.verify(&forged),
+                Err(AuthError::Invalid(_))
+            ));
+            assert_eq!(verifier.verify(&unknown_role), Err(AuthError::UnknownRole));
+        }
+        assert_eq!(remembered(&verifier), 0);
+        assert!(verifier.verify(&token).is_ok());
+        assert!(matches!(
+            verifier.verify(&forged),
+            Err(AuthError::Invalid(_))
+        ));
+        assert_eq!(remembered(&verifier), 1);
     }
 
     /// Roles parse from their claim names and nothing else.

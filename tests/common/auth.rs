@@ -30,7 +30,8 @@ pub const ISSUER: &str = "https://issuer.test";
 /// The `aud` every test server requires.
 pub const AUDIENCE: &str = "usage-service";
 
-/// Options of a server checking HS256 tokens for [`ISSUER`] and [`AUDIENCE`].
+/// Options of a server checking HS256 tokens for [`ISSUER`] and [`AUDIENCE`],
+/// remembering the tokens that passed, as the service does by default.
 pub fn hs256_options() -> ServerOptions {
     let verifier = Verifier::new(
         &VerifyingKey::Secret(SECRET.to_vec()),
@@ -38,7 +39,8 @@ pub fn hs256_options() -> ServerOptions {
         Some(ISSUER),
         Some(AUDIENCE),
     )
-    .expect("a valid test key");
+    .expect("a valid test key")
+    .remembering(64);
     with_verifier(verifier)
 }
 
