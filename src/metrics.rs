@@ -28,7 +28,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, OnceLock, PoisonError, RwLock},
+    sync::{OnceLock, PoisonError, RwLock},
     time::Duration,
 };
 
@@ -97,7 +97,7 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 /// it would record nowhere for good.
 struct Installed {
     handle: PrometheusHandle,
-    rpcs: Handles<RpcMetrics>,
+    rpcs: RpcTable,
     queued: Handles<Gauge>,
 }
 
@@ -132,10 +132,39 @@ impl<T: Clone> Handles<T> {
 /// The request metrics of one RPC: its duration histogram, and its call
 /// counter for each status code (made when the code first occurs, so the
 /// scrape lists only the codes that did).
-#[derive(Clone)]
 struct RpcMetrics {
     duration: Histogram,
-    calls: Arc<[OnceLock<Counter>; 17]>,
+    calls: [OnceLock<Counter>; 17],
+}
+
+/// The request metrics of every `rpc` label value: one per method the server
+/// serves, and `unknown` for any other path. Any other path (a method a
+/// client invents, refused for want of a token or answered UNIMPLEMENTED)
+/// would otherwise add a label value, and a series, per path. The table is
+/// fixed when the recorder is installed, so a call finds its label and its
+/// metrics in one lookup; each RPC's metrics are made on its first call.
+struct RpcTable {
+    served: HashMap<Box<str>, OnceLock<RpcMetrics>>,
+    unknown: OnceLock<RpcMetrics>,
+}
+
+impl RpcTable {
+    fn new() -> Self {
+        Self {
+            served: crate::grpc::metered::served_methods()
+                .map(|path| (path.into_boxed_str(), OnceLock::new()))
+                .collect(),
+            unknown: OnceLock::new(),
+        }
+    }
+
+    /// The `rpc` label of a call to `path`, and where its metrics are kept.
+    fn entry(&self, path: &str) -> (&str, &OnceLock<RpcMetrics>) {
+        match self.served.get_key_value(path) {
+            Some((served, metrics)) => (served, metrics),
+            None => ("unknown", &self.unknown),
+        }
+    }
 }
 
 /// Installs the process-wide recorder on first call and returns its handle;
@@ -156,7 +185,7 @@ pub fn install() -> PrometheusHandle {
             describe();
             Installed {
                 handle,
-                rpcs: Handles::new(),
+                rpcs: RpcTable::new(),
                 queued: Handles::new(),
             }
         })
@@ -212,12 +241,13 @@ async fn scrape(State((handle, pool)): State<(PrometheusHandle, Pool)>) -> Strin
     handle.render()
 }
 
-/// One call of `rpc` answered with `code` after `elapsed`.
-pub fn record_request(rpc: &str, code: Code, elapsed: Duration) {
+/// One call of the method at `path` answered with `code` after `elapsed`.
+pub fn record_request(path: &str, code: Code, elapsed: Duration) {
     let Some(installed) = INSTALLED.get() else {
         return;
     };
-    let metrics = installed.rpcs.get(rpc, || RpcMetrics {
+    let (rpc, metrics) = installed.rpcs.entry(path);
+    let metrics = metrics.get_or_init(|| RpcMetrics {
         duration: ::metrics::histogram!(GRPC_DURATION, "rpc" => rpc.to_owned()),
         calls: Default::default(),
     });
@@ -341,4 +371,31 @@ fn describe() {
     );
     describe_counter!(RECONCILIATION_FIXED, "drift corrected by reconciliation");
     describe_gauge!(HEALTH_SERVING, "1 while the database answers, else 0");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc_label(path: &str) -> String {
+        RpcTable::new().entry(path).0.to_owned()
+    }
+
+    /// The methods of every service served keep their path; an invented
+    /// one, even in a served package, is `unknown`.
+    #[test]
+    fn labels_only_served_methods() {
+        for path in [
+            "/usage.v1.UsageService/Reserve",
+            "/usage.v1.UsageService/SetTier",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(rpc_label(path), path);
+        }
+        for path in ["/usage.v1.UsageService/Invented", "/x.Y/Z", "", "/"] {
+            assert_eq!(rpc_label(path), "unknown", "{path}");
+        }
+    }
 }

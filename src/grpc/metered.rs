@@ -2,8 +2,6 @@
 //! it, in front of all services (usage, health, reflection).
 
 use std::{
-    collections::HashSet,
-    sync::LazyLock,
     task::{Context, Poll},
     time::Instant,
 };
@@ -64,7 +62,7 @@ where
                 Ok(response) => status_code(response.headers()),
                 Err(_) => Code::Internal,
             };
-            metrics::record_request(rpc_label(uri.path()), code, started.elapsed());
+            metrics::record_request(uri.path(), code, started.elapsed());
             response
         })
     }
@@ -72,7 +70,7 @@ where
 
 /// Every method the server serves, as `/package.Service/Method`: read from
 /// the descriptors it also registers for reflection.
-static SERVED: LazyLock<HashSet<String>> = LazyLock::new(|| {
+pub(crate) fn served_methods() -> impl Iterator<Item = String> {
     use prost::Message as _;
     [
         crate::proto::FILE_DESCRIPTOR_SET,
@@ -96,19 +94,6 @@ static SERVED: LazyLock<HashSet<String>> = LazyLock::new(|| {
                 .map(move |method| format!("{prefix}{}", method.name()))
         })
     })
-    .collect()
-});
-
-/// The `rpc` label of a call to `path`: the path of a method the server
-/// serves, else `unknown`. Any other path (a method a client invents,
-/// refused for want of a token or answered UNIMPLEMENTED) would add a label
-/// value, and a series, per path.
-fn rpc_label(path: &str) -> &str {
-    if SERVED.contains(path) {
-        path
-    } else {
-        "unknown"
-    }
 }
 
 /// The status of a response: errors travel in the headers
@@ -146,24 +131,6 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The methods of every service served keep their path; an invented
-    /// one, even in a served package, is `unknown`.
-    #[test]
-    fn labels_only_served_methods() {
-        for path in [
-            "/usage.v1.UsageService/Reserve",
-            "/usage.v1.UsageService/SetTier",
-            "/grpc.health.v1.Health/Check",
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        ] {
-            assert_eq!(rpc_label(path), path);
-        }
-        for path in ["/usage.v1.UsageService/Invented", "/x.Y/Z", "", "/"] {
-            assert_eq!(rpc_label(path), "unknown", "{path}");
-        }
-    }
 
     /// A status in the headers is read; no status in the headers means the
     /// call succeeded and its OK travels in the trailers.
