@@ -21,6 +21,14 @@
 # section). In production the service's CPUs are its own and the default,
 # one worker per CPU, is right.
 #
+# PIN_CPUS=1 pins the service to the first CPU and usage-bench to the
+# second (with taskset), and leaves PostgreSQL and pgbench to the
+# scheduler. Unpinned, the kernel often queues a woken process behind a
+# busy one on the same CPU while the other CPU idles; pinned, the service
+# and its load generator never compete for a CPU, closer to the two being
+# on different machines. It does not help every point (see the README's
+# Performance section), so it is off by default.
+#
 # Then, unless EXTRAS=0: the server's peak resident memory at concurrency 256,
 # and p99 at half the service's maximum throughput for HALF_RATE_SCENARIOS
 # (which must be among SCENARIOS).
@@ -45,12 +53,23 @@ EXTRAS=${EXTRAS:-1}
 HALF_RATE_SCENARIOS=${HALF_RATE_SCENARIOS:-spread get}
 SERVICE_ARGS=${SERVICE_ARGS:-}
 SERVICE_WORKERS=${SERVICE_WORKERS:-$(($(nproc) / 2 > 0 ? $(nproc) / 2 : 1))}
+PIN_CPUS=${PIN_CPUS:-0}
 USERS=100000
 BENCH_ACTOR=usage-bench
 GRPC_ADDR=127.0.0.1:50071
 METRICS_ADDR=127.0.0.1:9191
 
 DB_URL="${ADMIN_URL%/*}/$BENCH_DB"
+SERVICE_ON=()
+BENCH_ON=()
+if [[ $PIN_CPUS == 1 ]]; then
+    if ! taskset -c 0 true 2>/dev/null || ! taskset -c 1 true 2>/dev/null; then
+        echo "compare.sh: PIN_CPUS=1 needs CPUs 0 and 1 (and taskset)" >&2
+        exit 1
+    fi
+    SERVICE_ON=(taskset -c 0)
+    BENCH_ON=(taskset -c 1)
+fi
 WORK=$(mktemp -d)
 SERVICE_PID=
 
@@ -129,7 +148,7 @@ pgbench_point() {
 
 # Runs usage-bench; prints its RESULT line.
 service_point() {
-    target/release/usage-bench --target "http://$GRPC_ADDR" --database-url "$DB_URL" \
+    "${BENCH_ON[@]}" target/release/usage-bench --target "http://$GRPC_ADDR" --database-url "$DB_URL" \
         --users "$USERS" --duration "${SECONDS_PER_POINT}s" --warmup 2s \
         --server-pid "$SERVICE_PID" "$@" | tee "$WORK/bench.out" >&2 ||
         { echo "compare.sh: usage-bench failed, stopping" >&2; exit 1; }
@@ -159,7 +178,7 @@ export USAGE_AUTH_JWT_SECRET
 USAGE_BENCH_TOKEN=$(target/release/usage-service token --role service --sub "$BENCH_ACTOR" --ttl 12h)
 export USAGE_BENCH_TOKEN
 # shellcheck disable=SC2086 # SERVICE_ARGS is a list of flags
-target/release/usage-service --database-url "$DB_URL" --listen-addr "$GRPC_ADDR" \
+"${SERVICE_ON[@]}" target/release/usage-service --database-url "$DB_URL" --listen-addr "$GRPC_ADDR" \
     --metrics-addr "$METRICS_ADDR" --no-catalogue --worker-threads "$SERVICE_WORKERS" \
     $SERVICE_ARGS >"$WORK/service.log" 2>&1 &
 SERVICE_PID=$!
@@ -217,7 +236,8 @@ fi
 echo
 echo "$(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)," \
     "$SECONDS_PER_POINT s per point, service at concurrency $SERVICE_CONCURRENCY" \
-    "(--worker-threads $SERVICE_WORKERS${SERVICE_ARGS:+ $SERVICE_ARGS})"
+    "(--worker-threads $SERVICE_WORKERS${SERVICE_ARGS:+ $SERVICE_ARGS})" \
+    "$([[ $PIN_CPUS == 1 ]] && echo "pinned: service CPU 0, usage-bench CPU 1" || echo unpinned)"
 printf '| %-8s | %-22s | %-14s | %-13s | %-14s | %-10s |\n' \
     scenario "pgbench best tps (@c)" "pgbench p99 ms" "service ops/s" "service p99 ms" ratio
 printf '|%s|%s|%s|%s|%s|%s|\n' ---------- ------------------------ ---------------- \
