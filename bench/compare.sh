@@ -23,10 +23,10 @@
 #
 # PIN_CPUS=1 pins the service to the first CPU and usage-bench to the
 # second (with taskset), and leaves PostgreSQL and pgbench to the
-# scheduler. Unpinned, the kernel often queues a woken process behind a
-# busy one on the same CPU while the other CPU idles; pinned, the service
-# and its load generator never compete for a CPU, closer to the two being
-# on different machines. It does not help every point (see the README's
+# scheduler. Unpinned, perf sched shows each process waiting about 0.1 ms
+# between being woken and running while the CPUs are a sixth idle; pinned,
+# the service and its load generator never compete for a CPU, closer to
+# the two being on different machines. It does not help every point (see the README's
 # Performance section), so it is off by default.
 #
 # Then, unless EXTRAS=0: the server's peak resident memory at concurrency 256,
